@@ -1,0 +1,17 @@
+"""Exception types. Every user-facing failure is an ``EdgeRazorError`` with an actionable message."""
+
+
+class EdgeRazorError(Exception):
+    """Base class: the CLI prints these without a traceback and exits with status 2."""
+
+
+class PluginError(EdgeRazorError):
+    """A plugin registry was asked for something it cannot give (unknown, duplicate, malformed)."""
+
+
+class RecipeError(EdgeRazorError):
+    """A recipe file or override is malformed: the message names the file, the key and what was expected."""
+
+
+class QuantizationError(EdgeRazorError):
+    """A model cannot be quantized as the recipe asks (e.g. a group size that does not divide a layer)."""

@@ -1,0 +1,77 @@
+"""Size accounting the paper's way (Tables 17-20).
+
+A quantized weight costs its quantizer's bits (1.58 ternary, 4, 8) plus 16/G for its group's
+fp16 scale; everything left unquantized costs 16 bits. Tied weights are counted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from edgerazor.plugin_manager import get_plugins
+from edgerazor.quant.modules import QuantEmbedding, QuantLinear
+from edgerazor.recipe import HIGH_BITS, TERNARY_BITS
+
+SCALE_BITS = 16
+
+
+def nominal_weight_bits(rho: float) -> float:
+    """The paper's label: ``rho * 4 + (1 - rho) * 1.58`` rounded to 2 decimals (1/8 -> 1.88)."""
+    return round(rho * HIGH_BITS + (1 - rho) * TERNARY_BITS, 2)
+
+
+@dataclass
+class BitsSummary:
+    total_params: int
+    quantized_params: int
+    quantized_fraction: float
+    effective_bits: float  # mean weight bits of the quantized decoder linears (no scales): 1.8825 at rho=1/8
+    bits_per_quantized_weight: float  # all quantized tensors, scales included
+    total_bits: float
+    bf16_bytes: float
+    quantized_bytes: float
+    compression_ratio: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_bits(model: nn.Module) -> BitsSummary:
+    """Count a quantized model's storage; works on meta-device models."""
+    quantizers = get_plugins().registry("quantizers")
+    params = {id(p): p.numel() for p in model.parameters()}
+    total_params = sum(params.values())
+    seen: set[int] = set()
+    q_params = 0
+    q_bits = 0.0
+    decoder_params, decoder_bits = 0, 0.0
+    for module in model.modules():
+        if not isinstance(module, (QuantLinear, QuantEmbedding)) or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        wq = module.weight_quant
+        d_out, d_in = module.weight.shape
+        high_rows = int(wq.precision_mask.sum())
+        high_bits = quantizers.get(wq.names[0]).bits
+        low_bits = quantizers.get(wq.names[1]).bits if wq.names[1] else high_bits
+        weight_bits = d_in * (high_rows * high_bits + (d_out - high_rows) * low_bits)
+        scale_bits = d_out * (wq.padded_dim // wq.group_size) * SCALE_BITS
+        q_params += d_out * d_in
+        q_bits += weight_bits + scale_bits
+        if isinstance(module, QuantLinear) and module is not model.get_output_embeddings():
+            decoder_params += d_out * d_in
+            decoder_bits += weight_bits
+    total_bits = q_bits + (total_params - q_params) * 16
+    return BitsSummary(
+        total_params=total_params,
+        quantized_params=q_params,
+        quantized_fraction=q_params / total_params if total_params else 0.0,
+        effective_bits=decoder_bits / decoder_params if decoder_params else 16.0,
+        bits_per_quantized_weight=q_bits / q_params if q_params else 16.0,
+        total_bits=total_bits,
+        bf16_bytes=total_params * 2,
+        quantized_bytes=total_bits / 8,
+        compression_ratio=total_params * 16 / total_bits,
+    )

@@ -1,0 +1,103 @@
+"""Reload a quantized checkpoint saved with ``save_pretrained``, allocation masks included.
+
+``quantize`` writes the recipe into ``config.edgerazor`` and the row masks are buffers in the
+state dict, so a plain ``model.save_pretrained(dir)`` holds everything. ``load`` rebuilds the
+fake-quant modules from the recipe and then overwrites every mask with the stored one: the
+checkpoint, not the allocation rule, is the source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+from transformers.utils import logging as hf_logging
+
+from edgerazor.errors import EdgeRazorError
+from edgerazor.models import model_class
+from edgerazor.quant.modules import WeightFakeQuant
+from edgerazor.quant.surgery import FORMAT_VERSION, quantize
+from edgerazor.recipe import recipe_from_dict
+
+MASK_SUFFIX = "weight_quant.precision_mask"
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise EdgeRazorError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def read_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every stored row mask, keyed by module name (without the buffer suffix)."""
+    masks = {}
+    for file in _safetensors_files(Path(path)):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(MASK_SUFFIX):
+                    masks[key[: -len(MASK_SUFFIX) - 1]] = f.get_tensor(key)
+    return masks
+
+
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], source: str) -> None:
+    for name, module in model.named_modules():
+        if not isinstance(module, WeightFakeQuant):
+            continue
+        owner = name.removesuffix(".weight_quant")
+        if owner not in masks:
+            raise EdgeRazorError(
+                f"{source}: no stored precision mask for layer {owner!r} (key {owner}.{MASK_SUFFIX}); "
+                "the checkpoint is incomplete or was saved before quantization"
+            )
+        stored = masks[owner]
+        if stored.shape != module.precision_mask.shape:
+            raise EdgeRazorError(
+                f"{source}: stored mask for {owner!r} has shape {tuple(stored.shape)}, "
+                f"expected {tuple(module.precision_mask.shape)}"
+            )
+        module.precision_mask.copy_(stored.to(torch.bool))
+
+
+def load_quantized(path: str | Path, **from_pretrained_kwargs):
+    """Load a quantized checkpoint directory as a fake-quant transformers model."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EdgeRazorError(f"{path} is not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    meta = getattr(config, "edgerazor", None)
+    if not isinstance(meta, dict) or "recipe" not in meta:
+        raise EdgeRazorError(
+            f"{path}/config.json has no 'edgerazor' entry: this is not an EdgeRazor checkpoint "
+            "(quantize with edgerazor.quantize, then save_pretrained)"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EdgeRazorError(
+            f"{path}/config.json: edgerazor.format_version {meta.get('format_version')!r} is not supported "
+            f"(this EdgeRazor reads version {FORMAT_VERSION})"
+        )
+    recipe = recipe_from_dict(meta["recipe"], f"{path}/config.json (edgerazor.recipe)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the masks are "unexpected keys" to a plain model: we load them below
+    try:
+        model = model_class(config).from_pretrained(path, config=config, **from_pretrained_kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    quantize(model, recipe, adapter=meta.get("adapter"))
+    apply_masks(model, read_masks(path), str(path))
+    return model
+
+
+def load(path: str | Path, **from_pretrained_kwargs):
+    """``(model, tokenizer)`` from a quantized checkpoint; tokenizer is None when none was saved."""
+    from transformers import AutoTokenizer
+
+    model = load_quantized(path, **from_pretrained_kwargs)
+    has_tokenizer = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None

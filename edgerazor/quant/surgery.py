@@ -1,0 +1,229 @@
+"""``quantize(model, recipe)``: swap a transformers model's layers for fake-quantized ones.
+
+The allocation plugin decides each layer's row mask once; the mask becomes a buffer in the state
+dict, so training, export and every runtime read the same allocation. The recipe is written into
+``model.config.edgerazor`` so ``save_pretrained`` carries it and ``edgerazor.load`` can rebuild.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgerazor.adapters import ModelAdapter, resolve_adapter
+from edgerazor.errors import PluginError, QuantizationError
+from edgerazor.plugin_manager import get_plugins
+from edgerazor.quant.kv import KVFakeQuant, wrap_attention_implementation
+from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
+from edgerazor.recipe import Recipe, TableQuant, load_recipe, recipe_from_dict
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str  # "linear", "embedding" or "lm_head"
+    d_out: int
+    d_in: int
+    high: str
+    low: str | None
+    group_size: int
+    high_fraction: float  # fraction of rows at the high precision (4-bit for SQMP layers)
+    padded_d_in: int
+    activation_bits: int
+
+    @property
+    def params(self) -> int:
+        return self.d_out * self.d_in
+
+
+@dataclass
+class QuantReport:
+    layers: list[LayerReport]
+    w_a_kv: str
+    adapter: str
+    kv_layers: int
+    kv_group_size: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "w_a_kv": self.w_a_kv,
+            "adapter": self.adapter,
+            "kv_layers": self.kv_layers,
+            "kv_group_size": self.kv_group_size,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title=f"EdgeRazor quantization ({self.w_a_kv}, adapter {self.adapter})")
+        for col in ("layer", "kind", "shape", "high", "low", "G", "4-bit rows", "A"):
+            table.add_column(col)
+        for r in self.layers:
+            table.add_row(
+                r.name, r.kind, f"{r.d_out}x{r.d_in}", r.high, r.low or "-", str(r.group_size),
+                f"{r.high_fraction:.4f}", str(r.activation_bits),
+            )
+        return table
+
+
+def _as_recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
+    if recipe is None:
+        return load_recipe(None)
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe)
+    return load_recipe(recipe)
+
+
+def _matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def _check_group(name: str, dim: int, group_size: int, pad: bool, what: str = "input dimension") -> int:
+    """Padded dimension for ``dim``; raises unless G divides it or padding was asked for."""
+    if dim % group_size == 0:
+        return dim
+    if pad:
+        return -(-dim // group_size) * group_size
+    divisors = [g for g in (32, 64, 128, 192, 256, 320) if dim % g == 0]
+    raise QuantizationError(
+        f"layer {name!r}: group size {group_size} does not divide its {what} {dim}; "
+        f"use a group size that divides {dim} (e.g. {', '.join(map(str, divisors)) or 'a divisor'}) "
+        "or set quant.weight.pad=true to zero-pad each row to a multiple of the group size"
+    )
+
+
+def _allocate(name: str, allocation: str, d_out: int, rho: float, options: dict[str, Any]) -> torch.Tensor:
+    fn = get_plugins().get("allocations", allocation)
+    mask = fn(d_out, rho, layer_name=name, **options)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (d_out,):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise PluginError(
+            f"allocation {allocation!r} returned {got} for layer {name!r}; "
+            f"expected a torch.bool tensor of shape ({d_out},)"
+        )
+    return mask
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | dict | str | Path | None = None,
+    adapter: str | ModelAdapter | None = None,
+) -> QuantReport:
+    """Fake-quantize ``model`` in place as ``recipe`` says and return a per-layer report."""
+    recipe = _as_recipe(recipe)
+    q = recipe.quant
+    config = model.config
+    if not isinstance(adapter, ModelAdapter):
+        adapter = resolve_adapter(config.model_type, adapter or recipe.model.adapter)
+    plugins = get_plugins()
+    w = q.weight
+    group = w.group_size or adapter.default_group_size
+    high = plugins.get("quantizers", w.high)
+    low = plugins.get("quantizers", w.low) if w.rho < 1 else None
+    act = plugins.get("quantizers", "int8") if q.activation.bits == 8 else None
+    include = q.include if q.include is not None else list(adapter.decoder_patterns)
+
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    embed_name, head_name = _module_name(model, embed), _module_name(model, head)
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise QuantizationError("model is already quantized; quantize a fresh copy (never re-quantize codes)")
+
+    layers: list[LayerReport] = []
+
+    def act_quant(name: str, d_in: int, weight_group: int) -> ActivationFakeQuant | None:
+        if act is None:
+            return None
+        a_group = q.activation.group_size or weight_group
+        padded = _check_group(name, d_in, a_group, w.pad, "input (activation) dimension")
+        return ActivationFakeQuant(act, "int8", a_group, padded)
+
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name not in (head_name, embed_name)
+        and _matches(name, include)
+        and not _matches(name, q.exclude)
+    ]
+    for name, linear in targets:
+        d_out, d_in = linear.out_features, linear.in_features
+        padded = _check_group(name, d_in, group, w.pad)
+        mask = _allocate(name, w.allocation, d_out, w.rho, w.allocation_options)
+        wq = WeightFakeQuant(d_out, d_in, high, low, (w.high, w.low if low else None), group, mask)
+        wq.to(device=linear.weight.device if linear.weight.device.type != "meta" else "cpu")
+        _set_module(model, name, QuantLinear.from_linear(linear, wq, act_quant(name, d_in, group)))
+        layers.append(LayerReport(name, "linear", d_out, d_in, w.high, wq.names[1], group,
+                                  wq.high_fraction(), padded, q.activation.bits))
+
+    def table(name: str | None, module: nn.Module, spec: TableQuant, kind: str) -> WeightFakeQuant | None:
+        if spec.quantizer is None or name is None:
+            return None
+        d_out, d_in = module.weight.shape
+        g = spec.group_size or group
+        padded = _check_group(name, d_in, g, w.pad)
+        wq = WeightFakeQuant(d_out, d_in, plugins.get("quantizers", spec.quantizer), None,
+                             (spec.quantizer, None), g, torch.ones(d_out, dtype=torch.bool))
+        layers.append(LayerReport(name, kind, d_out, d_in, spec.quantizer, None, g, 1.0, padded,
+                                  q.activation.bits if kind == "lm_head" else 16))
+        return wq
+
+    if tied and (q.embedding.quantizer, q.embedding.group_size) != (q.lm_head.quantizer, q.lm_head.group_size):
+        raise QuantizationError(
+            f"{head_name!r} and {embed_name!r} share one weight (tie_word_embeddings), so quant.embedding and "
+            f"quant.lm_head must match: embedding={q.embedding.quantizer}/G{q.embedding.group_size}, "
+            f"lm_head={q.lm_head.quantizer}/G{q.lm_head.group_size}"
+        )
+    if isinstance(embed, nn.Embedding) and not _matches(embed_name or "", q.exclude):
+        wq = table(embed_name, embed, q.embedding, "embedding")
+        if wq is not None:
+            _set_module(model, embed_name, QuantEmbedding.from_embedding(embed, wq))
+    if isinstance(head, nn.Linear) and not _matches(head_name or "", q.exclude):
+        wq = table(head_name, head, q.lm_head, "lm_head")
+        if wq is not None:
+            a = act_quant(head_name, head.in_features, wq.group_size)
+            _set_module(model, head_name, QuantLinear.from_linear(head, wq, a))
+
+    kv_layers, kv_group = 0, None
+    if q.kv_cache.bits == 8:
+        kv_quantizer = plugins.get("quantizers", "int8")
+        for name, module in list(model.named_modules()):
+            if not (_matches(name, include) and hasattr(module, "head_dim") and hasattr(module, "k_proj")):
+                continue
+            if _matches(name, q.exclude):
+                continue
+            kv_group = q.kv_cache.group_size or module.head_dim
+            _check_group(name, module.head_dim, kv_group, False, "head_dim (KV cache)")
+            module.edgerazor_kv = KVFakeQuant(kv_quantizer, "int8", kv_group)
+            kv_layers += 1
+        if kv_layers:
+            wrap_attention_implementation(config)
+
+    config.edgerazor = {"format_version": FORMAT_VERSION, "adapter": adapter.name,
+                        "recipe": recipe.model_dump(mode="json")}
+    return QuantReport(layers, q.w_a_kv, adapter.name, kv_layers, kv_group)

@@ -1,0 +1,1 @@
+"""Built-in model adapters (installed as ``edgerazor.model_adapters``)."""
