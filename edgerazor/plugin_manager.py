@@ -90,6 +90,8 @@ REGISTRY_SPECS: dict[str, tuple[str, Callable[[Any], str | None]]] = {
     "exporters": ("register_exporters", _check_callable(2, True, "(model, out_dir, **options) -> Path")),
 }
 
+REGISTRY_HOOKS = {hook: kind for kind, (hook, _) in REGISTRY_SPECS.items()}
+
 
 @dataclass
 class Registry:
@@ -112,7 +114,7 @@ class Registry:
         if problem:
             raise PluginError(
                 f"plugin {owner!r} registered {name!r} in registry {self.kind!r} with the wrong shape: "
-                f"{problem}, got {obj!r}"
+                f"{problem}, got {obj!r}; available: {', '.join(sorted(self.items)) or '(none)'}"
             )
         self.items[name] = obj
         self.owners[name] = owner
@@ -147,12 +149,47 @@ class PluginSystem:
         self.dists: dict[str, tuple[str, str]] = {}
         for module_name in DEFAULT_PLUGINS:
             module = importlib.import_module(module_name)
-            self.pm.register(module, name=module_name)
+            self._register(module, module_name, "edgerazor")
             self.dists[module_name] = ("edgerazor", _own_version())
         if load_entry_points:
             self._load_entry_points()
-        self.pm.check_pending()
+        self._check_pending()
         self.registries = self._collect()
+
+    def register(self, plugin: Any, name: str | None = None, distribution: str = "?", version: str = "?") -> str:
+        """Register ``plugin`` (a module or object with ``@hookimpl`` functions) and rebuild the registries.
+
+        On any error (a misspelled hook, a duplicate or malformed entry) the plugin is unregistered again,
+        the registries are left as they were, and a ``PluginError`` says what went wrong.
+        """
+        name = self._register(plugin, name, distribution)
+        try:
+            self._check_pending()
+            registries = self._collect()
+        except BaseException:
+            self.pm.unregister(name=name)
+            raise
+        self.dists[name] = (distribution, version)
+        self.registries = registries
+        return name
+
+    def _register(self, plugin: Any, name: str | None, dist_name: str) -> str:
+        try:
+            registered = self.pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(f"could not register plugin {name or plugin!r} from {dist_name!r}: {exc}") from exc
+        if registered is None:  # blocked via pm.set_blocked
+            raise PluginError(f"plugin {name or plugin!r} from {dist_name!r} is blocked")
+        return registered
+
+    def _check_pending(self) -> None:
+        """A hook implementation whose name is no hookspec (a typo) fails here, naming the plugin."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            owner = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+            known = sorted(REGISTRY_HOOKS)
+            raise PluginError(f"plugin {owner!r}: {exc}; edgerazor hooks are: {', '.join(known)}") from exc
 
     def _load_entry_points(self) -> None:
         allowed = os.environ.get(PLUGINS_ENV)
@@ -167,7 +204,7 @@ class PluginSystem:
                 plugin = ep.load()
             except Exception as exc:  # a broken plugin must name itself
                 raise PluginError(f"could not load plugin {ep.name!r} from {dist_name!r} ({ep.value}): {exc}") from exc
-            self.pm.register(plugin, name=ep.name)
+            self._register(plugin, ep.name, dist_name)
             self.dists[ep.name] = (dist_name, ep.dist.version if ep.dist else "?")
 
     def _collect(self) -> dict[str, Registry]:
