@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import inspect
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +28,8 @@ PLUGINS_ENV = "EDGERAZOR_PLUGINS"
 DEFAULT_PLUGINS = (
     "edgerazor.plugins.quantizers",
     "edgerazor.plugins.allocations",
+    "edgerazor.plugins.selectors",
+    "edgerazor.plugins.kl_mixers",
     "edgerazor.model_adapters.qwen3",
     "edgerazor.model_adapters.mobilellm",
 )
@@ -194,9 +197,10 @@ class PluginSystem:
     def _load_entry_points(self) -> None:
         allowed = os.environ.get(PLUGINS_ENV)
         allow = None if allowed is None else {s.strip() for s in allowed.split(",") if s.strip()}
+        allow_dists = None if allow is None else {_normalize_dist(s) for s in allow}
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist_name = ep.dist.name if ep.dist else "?"
-            if allow is not None and ep.name not in allow and dist_name not in allow:
+            if allow is not None and ep.name not in allow and _normalize_dist(dist_name) not in allow_dists:
                 continue
             if self.pm.get_plugin(ep.name) is not None:
                 continue
@@ -211,8 +215,9 @@ class PluginSystem:
         registries = {}
         for kind, (hook_name, validate) in REGISTRY_SPECS.items():
             registry = Registry(kind, validate)
-            # Call each implementation separately so every name is attributed to its plugin.
-            for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            # Call each implementation separately so every name is attributed to its plugin, in
+            # registration order (built-ins first), so a clash is blamed on the later plugin.
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 owner = impl.plugin_name
                 impl.function(register=lambda name, obj, _o=owner, _r=registry: _r.add(name, obj, _o))
             registries[kind] = registry
@@ -238,6 +243,11 @@ class PluginSystem:
             dist, version = self.dists.get(name, ("?", "?"))
             out.append(PluginInfo(name, dist, version, hooks, {k: v for k, v in registers.items() if v}))
         return out
+
+
+def _normalize_dist(name: str) -> str:
+    """PEP 503 form, so ``my_plugin``, ``My.Plugin`` and ``my-plugin`` name one distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _own_version() -> str:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from edgerazor.errors import RecipeError
+from edgerazor.sections import Section
 
 #: Paper bit-widths counted the paper's way: effective bits = rho * 4 + (1 - rho) * 1.58.
 TERNARY_BITS, HIGH_BITS = 1.58, 4.0
@@ -33,10 +34,6 @@ def rho_for_bits(bits: float) -> float:
             "reachable: 4, 2.79, 2.39, 2.19, 2.06, 1.98, 1.93, 1.88, ..."
         )
     return 1.0 / period
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class WeightQuant(Section):
@@ -120,6 +117,45 @@ class QuantSection(Section):
 
 class ModelSection(Section):
     adapter: str | None = Field(None, description="model adapter plugin; default: chosen from config.model_type")
+    teacher: str | None = Field(None, description="teacher: a hub id or a local directory")
+    student: str | None = Field(None, description="student initialisation; default: the teacher's weights")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DistillSection(Section):
+    """Eq. 1: ``a_task * CE + a_feature * L_feature + a_logit * L_logit`` plus plugin loss terms."""
+
+    alpha_task: float = Field(0.1, ge=0)
+    alpha_feature: float = Field(0.1, ge=0)
+    alpha_logit: float = Field(2.0, ge=0)
+    selector: str = Field("adaptive", description="feature-layer selector plugin (adaptive = LAFD)")
+    selector_options: dict[str, Any] = Field(default_factory=lambda: {"k": 3})
+    kl_mixer: str = Field("eakld", description="KL mixer plugin (eakld, forward, reverse, cakld)")
+    kl_mixer_options: dict[str, Any] = Field(default_factory=lambda: {"K": 16})
+    extra_losses: dict[str, float] = Field(default_factory=dict, description="loss plugin name -> weight")
+    chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the full-vocabulary divergence")
+
+
+class TrainSection(Section):
+    """Optimisation (AdamW) and checkpointing; fields map onto transformers.TrainingArguments."""
+
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = "constant_with_warmup"
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    max_steps: int = Field(-1, description="-1: run num_epochs")
+    num_epochs: float = Field(1.0, gt=0)
+    per_device_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    seed: int = 42
+    bf16: bool = False
+    dataloader_num_workers: int = Field(0, ge=0)
 
 
 class Recipe(Section):
@@ -127,6 +163,8 @@ class Recipe(Section):
     description: str = ""
     model: ModelSection = ModelSection()
     quant: QuantSection = QuantSection()
+    distill: DistillSection = DistillSection()
+    train: TrainSection = TrainSection()
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

@@ -30,7 +30,9 @@ def stacked(d_out: int, rho: float, **context) -> torch.Tensor:
 
 def random(d_out: int, rho: float, seed: int = 0, layer_name: str = "", **context) -> torch.Tensor:
     """Ablation: a seeded random subset of ``round(rho * d_out)`` rows, different per layer."""
-    generator = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(layer_name.encode()))
+    # torch's CPU generator keeps only the low 32 bits of a seed, so fold seed and layer into 32 bits
+    # (crc32 is a bijection of its start value: distinct seeds mod 2**32 give distinct generators).
+    generator = torch.Generator().manual_seed(zlib.crc32(layer_name.encode(), seed % 2**32))
     mask = torch.zeros(d_out, dtype=torch.bool)
     mask[torch.randperm(d_out, generator=generator)[: round(rho * d_out)]] = True
     return mask
