@@ -155,6 +155,7 @@ def quantize(
         raise QuantizationError("model is already quantized; quantize a fresh copy (never re-quantize codes)")
 
     layers: list[LayerReport] = []
+    swaps: list[tuple[str, nn.Module]] = []  # applied only after every check passed: an error leaves the model as it was
 
     def act_quant(name: str, d_in: int, weight_group: int) -> ActivationFakeQuant | None:
         if act is None:
@@ -177,7 +178,7 @@ def quantize(
         mask = _allocate(name, w.allocation, d_out, w.rho, w.allocation_options)
         wq = WeightFakeQuant(d_out, d_in, high, low, (w.high, w.low if low else None), group, mask)
         wq.to(device=linear.weight.device if linear.weight.device.type != "meta" else "cpu")
-        _set_module(model, name, QuantLinear.from_linear(linear, wq, act_quant(name, d_in, group)))
+        swaps.append((name, QuantLinear.from_linear(linear, wq, act_quant(name, d_in, group))))
         layers.append(LayerReport(name, "linear", d_out, d_in, w.high, wq.names[1], group,
                                   wq.high_fraction(), padded, q.activation.bits))
 
@@ -202,12 +203,12 @@ def quantize(
     if isinstance(embed, nn.Embedding) and not _matches(embed_name or "", q.exclude):
         wq = table(embed_name, embed, q.embedding, "embedding")
         if wq is not None:
-            _set_module(model, embed_name, QuantEmbedding.from_embedding(embed, wq))
+            swaps.append((embed_name, QuantEmbedding.from_embedding(embed, wq)))
     if isinstance(head, nn.Linear) and not _matches(head_name or "", q.exclude):
         wq = table(head_name, head, q.lm_head, "lm_head")
         if wq is not None:
             a = act_quant(head_name, head.in_features, wq.group_size)
-            _set_module(model, head_name, QuantLinear.from_linear(head, wq, a))
+            swaps.append((head_name, QuantLinear.from_linear(head, wq, a)))
 
     kv_layers, kv_group = 0, None
     if q.kv_cache.bits == 8:
@@ -219,10 +220,12 @@ def quantize(
                 continue
             kv_group = q.kv_cache.group_size or module.head_dim
             _check_group(name, module.head_dim, kv_group, False, "head_dim (KV cache)")
-            module.edgerazor_kv = KVFakeQuant(kv_quantizer, "int8", kv_group)
+            swaps.append((f"{name}.edgerazor_kv", KVFakeQuant(kv_quantizer, "int8", kv_group)))
             kv_layers += 1
-        if kv_layers:
-            wrap_attention_implementation(config)
+    for name, module in swaps:
+        _set_module(model, name, module)
+    if kv_layers:
+        wrap_attention_implementation(config)
 
     config.edgerazor = {"format_version": FORMAT_VERSION, "adapter": adapter.name,
                         "recipe": recipe.model_dump(mode="json")}
