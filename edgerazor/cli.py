@@ -72,9 +72,25 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgerazor.pipeline import run_command
+
+    run_command(args.recipe, args.teacher, args.adapter, list(args.set or []), args.output, args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgerazor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="distil a quantized student (no arguments: the built-in offline demo)")
+    run.add_argument("--recipe", type=Path, default=None, help="recipe YAML (default: the built-in demo)")
+    run.add_argument("--adapter", default=None, help="model adapter (default: from the teacher's model_type)")
+    run.add_argument("--teacher", default=None, help="teacher directory or hub id (overrides model.teacher)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, repeatable")
+    run.add_argument("--output", type=Path, default=None, help="output directory (default: runs/<recipe name>)")
+    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    run.set_defaults(func=_cmd_run)
 
     bits = sub.add_parser("bits", help="quantized fraction, effective bits and compression ratio of a model shape")
     bits.add_argument("--model-config", required=True, type=Path, help="config.json (or its directory)")

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from edgerazor.errors import RecipeError
+from edgerazor.data.schema import DataSection
 from edgerazor.sections import Section
 
 #: Paper bit-widths counted the paper's way: effective bits = rho * 4 + (1 - rho) * 1.58.
@@ -164,6 +165,7 @@ class Recipe(Section):
     model: ModelSection = ModelSection()
     quant: QuantSection = QuantSection()
     distill: DistillSection = DistillSection()
+    data: DataSection = DataSection()
     train: TrainSection = TrainSection()
 
 

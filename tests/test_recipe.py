@@ -82,7 +82,7 @@ def test_unknown_key_lists_the_allowed_keys(tmp_path):
     message = str(err.value)
     assert "quant.weight.rhoo: unknown key" in message
     assert "allowed here: allocation, allocation_options, group_size, high, low, pad, rho" in message
-    with pytest.raises(RecipeError, match=r"qaunt: unknown key; allowed here: description, model, name, quant"):
+    with pytest.raises(RecipeError, match=r"qaunt: unknown key; allowed here: data, description, distill, model, name, quant, train"):
         load_recipe(None, ["qaunt.weight.rho=0.5"])
 
 

@@ -1,0 +1,1 @@
+"""Recipes shipped with EdgeRazor (installed as ``edgerazor.configs``): see README."""
