@@ -1,0 +1,1 @@
+"""Export: pure pack/unpack functions and the deployable formats built on them."""
