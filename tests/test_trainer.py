@@ -156,7 +156,7 @@ def test_kv8_stays_on_with_gradient_checkpointing(tmp_path):
         ckpt, trainer = run(tmp_path, "ckpt", make_recipe(max_steps=1, save_steps=100, gradient_checkpointing=True))
     finally:
         KVFakeQuant.forward = orig
-    assert trainer.model.is_gradient_checkpointing
+    assert trainer.model.is_activation_checkpointing
     assert n_plain > 0 and len(calls) > 2 * n_plain - n_plain  # KV quantizers ran in the checkpointed run too
     assert all(calls)
     assert ckpt[1] == pytest.approx(plain[1], rel=1e-6)

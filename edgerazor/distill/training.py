@@ -27,7 +27,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, **overrides) -> T
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim="adamw_torch",
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -67,7 +67,5 @@ def distill(
         checkpoint = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(output_dir)
         if checkpoint is None:
             raise EdgeRazorError(f"--resume: no complete checkpoint under {output_dir}")
-    if recipe.train.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer
