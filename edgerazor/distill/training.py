@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import TrainingArguments
 
@@ -35,6 +36,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, **overrides) -> T
         seed=t.seed,
         bf16=t.bf16,
         dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         report_to="none",
     )

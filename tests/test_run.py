@@ -1,0 +1,83 @@
+"""``edgerazor run`` end to end on a tiny budget: recipe -> distil -> results.json -> edgerazor.load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import Qwen3ForCausalLM
+
+import edgerazor
+from edgerazor.cli import main
+from edgerazor.eval.perplexity import perplexity
+from edgerazor.pipeline import builtin_recipe, gap_closure
+from edgerazor.quant import QuantLinear
+from edgerazor.recipe import load_recipe
+from tests.conftest import tiny_qwen3_config
+from tests.tokenizer_utils import train_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    shakespeare = "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n" * 40
+    tok = train_tiny_tokenizer([shakespeare], vocab_size=384)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(vocab_size=len(tok), num_hidden_layers=2))
+    path = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "corpus.txt").write_text(shakespeare * 3)
+    return path
+
+
+def test_run_recipe_end_to_end(teacher_dir, tmp_path, capsys):
+    recipe = {
+        "name": "tiny",
+        "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}},
+        "data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}], "max_length": 32, "eval_fraction": 0.25},
+        "train": {"max_steps": 3, "per_device_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                  "save_steps": 2},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main(["run", "--recipe", str(path), "--teacher", str(teacher_dir), "--output", str(out),
+                 "--set", "train.max_steps=2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("teacher_ppl", "rtn_ppl", "student_ppl", "effective_bits", "recipe", "teacher"):
+        assert key in results
+    assert results["recipe"]["train"]["max_steps"] == 2 and results["train_steps"] == 2
+    assert results["effective_bits"] == pytest.approx(1.8825)
+    assert results["teacher"] == str(teacher_dir)
+    assert results["gap_closure"] == pytest.approx(
+        gap_closure(results["teacher_ppl"], results["rtn_ppl"], results["student_ppl"]))
+    assert "held-out perplexity" in capsys.readouterr().out
+
+    model, tokenizer = edgerazor.load(out / "student")
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+    assert tokenizer is not None and len(tokenizer) == model.config.vocab_size
+    # the saved student reproduces the reported perplexity (fake quantization, A8 and KV8 active)
+    from edgerazor.data import build_datasets
+
+    _, evaluation = build_datasets(load_recipe(out / "recipe.yaml").data, tokenizer)
+    assert perplexity(model, evaluation, 4, progress=False) == pytest.approx(results["student_ppl"], rel=1e-5)
+    assert not list(out.glob("student.*")), "no temporary save directories left behind"
+
+
+def test_run_without_teacher_or_eval_split_is_a_clear_error(teacher_dir, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\n")
+    assert main(["run", "--recipe", str(path)]) == 2
+    assert "no teacher: pass --teacher" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}]}}))
+    assert main(["run", "--recipe", str(path), "--teacher", str(teacher_dir)]) == 2
+    assert "data.eval_fraction is 0" in capsys.readouterr().err
+
+
+def test_builtin_demo_recipe_is_the_papers_sg_a_e_at_1_88_8_8():
+    recipe = load_recipe(builtin_recipe("demo"))
+    assert recipe.quant.w_a_kv == "1.88-8-8"
+    assert (recipe.quant.weight.allocation, recipe.distill.selector, recipe.distill.kl_mixer) == (
+        "super_group", "adaptive", "eakld")
