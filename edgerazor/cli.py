@@ -79,6 +79,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _student_dir(path: Path) -> Path:
+    """A run directory (``runs/<name>``) holds its student in ``student/``."""
+    return path / "student" if (path / "student" / "config.json").is_file() else path
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    import edgerazor
+
+    model, tokenizer = edgerazor.load(_student_dir(args.source))
+    if args.format == "packed":
+        from edgerazor.export.packed import export_packed
+
+        report = export_packed(model, tokenizer, args.out)["size"]
+    else:
+        from edgerazor.export.gguf import write_gguf
+
+        report = write_gguf(model, tokenizer, args.out, type=args.type, strict=args.strict).to_dict()
+    console = Console()
+    console.print(f"wrote {args.out}: {report['total_bytes'] / 2**20:.2f} MiB, "
+                  f"{report['compression_vs_bf16']:.2f}x smaller than BF16")
+    if args.report:
+        table = Table(title=f"{args.format} export: size per tensor")
+        for col in ("tensor", "type", "bytes", "bits/weight"):
+            table.add_column(col, justify="right" if col != "tensor" else "left")
+        for t in report["tensors"]:
+            table.add_row(t["name"], t["kind"], f"{t['bytes']:,}", f"{t['bits_per_weight']:.3f}")
+        console.print(table)
+        if args.json:
+            print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    import edgerazor
+
+    model, tokenizer = edgerazor.load(_student_dir(args.model))
+    if tokenizer is None:
+        raise EdgeRazorError(f"{args.model} has no tokenizer files: cannot encode the prompt")
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                       temperature=args.temperature if args.temperature > 0 else None, streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgerazor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, default=None, help="output directory (default: runs/<recipe name>)")
     run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     run.set_defaults(func=_cmd_run)
+
+    export = sub.add_parser("export", help="export a run's student (or a student dir) as packed or GGUF")
+    export.add_argument("source", type=Path, help="run directory or student directory")
+    export.add_argument("--format", choices=("packed", "gguf"), default="packed")
+    export.add_argument("--out", type=Path, required=True, help="output directory (packed) or .gguf file")
+    export.add_argument("--type", choices=("auto", "tq1_0", "tq2_0", "q4_0"), default="auto", help="GGUF tensor type")
+    export.add_argument("--strict", action="store_true", help="GGUF: refuse tensors no GGML type holds exactly")
+    export.add_argument("--report", action="store_true", help="print the size of every tensor")
+    export.add_argument("--json", action="store_true", help="with --report: also print it as JSON")
+    export.set_defaults(func=_cmd_export)
+
+    generate = sub.add_parser("generate", help="stream text from a packed export or a student")
+    generate.add_argument("model", type=Path)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.set_defaults(func=_cmd_generate)
 
     bits = sub.add_parser("bits", help="quantized fraction, effective bits and compression ratio of a model shape")
     bits.add_argument("--model-config", required=True, type=Path, help="config.json (or its directory)")

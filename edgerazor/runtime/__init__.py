@@ -1,0 +1,1 @@
+"""Runtimes for exported models: the packed PyTorch runtime and text generation."""
