@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "edgerazor.plugins.allocations",
     "edgerazor.plugins.selectors",
     "edgerazor.plugins.kl_mixers",
+    "edgerazor.plugins.exporters",
     "edgerazor.model_adapters.qwen3",
     "edgerazor.model_adapters.mobilellm",
 )

@@ -124,10 +124,10 @@ def test_duplicate_name_names_registry_both_plugins_and_choices():
     msg = str(exc.value)
     assert "duplicate name 'stacked' in registry 'allocations'" in msg
     assert "registered by 'my_plugin', already registered by 'edgerazor.plugins.allocations'" in msg
-    assert msg.endswith("available: random, stacked, super_group")
+    assert msg.endswith("available: per_tensor, random, stacked, super_group")
     # the failed plugin is gone again and the registries are intact
     assert system.pm.get_plugin("my_plugin") is None
-    assert system.registry("allocations").names() == ["random", "stacked", "super_group"]
+    assert system.registry("allocations").names() == ["per_tensor", "random", "stacked", "super_group"]
 
 
 def test_duplicate_between_two_thirdparty_plugins_blames_the_later_one():
@@ -154,7 +154,7 @@ def test_unknown_name_lists_available_choices(tiny_qwen3):
     system = PluginSystem(load_entry_points=False)
     with pytest.raises(PluginError) as exc:
         system.get("allocations", "super_grup")
-    assert str(exc.value) == "unknown allocations entry 'super_grup'; available: random, stacked, super_group"
+    assert str(exc.value) == "unknown allocations entry 'super_grup'; available: per_tensor, random, stacked, super_group"
     with pytest.raises(PluginError, match=r"unknown quantizers entry 'int3'; available: int4, int8, ternary"):
         system.get("quantizers", "int3")
     with pytest.raises(PluginError, match=r"unknown losses entry 'kl'; available: \(none\)"):
@@ -414,7 +414,7 @@ def test_thirdparty_plugin_is_discovered_and_used(example_plugin, plugin_site, t
     assert (info.distribution, info.version) == (PLUGIN_DIST, PLUGIN_VERSION)
     assert info.hooks == ["register_allocations", "register_losses"]
     assert info.registers == {"allocations": ["every_other"], "losses": ["logit_l2"]}
-    assert system.registry("allocations").names() == ["every_other", "random", "stacked", "super_group"]
+    assert system.registry("allocations").names() == ["every_other", "per_tensor", "random", "stacked", "super_group"]
     assert system.get("allocations", "every_other") is module.every_other
     assert system.get("losses", "logit_l2") is module.logit_l2
     assert system.registry("allocations").owners["every_other"] == PLUGIN_EP
@@ -467,7 +467,7 @@ def test_edgerazor_plugins_env_selects_entry_points(example_plugin, restore_plug
     assert ("every_other" in system.registry("allocations").names()) is loaded
     assert ("logit_l2" in system.registry("losses").names()) is loaded
     if not loaded:
-        with pytest.raises(PluginError, match=r"unknown allocations entry 'every_other'; available: random, stacked"):
+        with pytest.raises(PluginError, match=r"unknown allocations entry 'every_other'; available: per_tensor, random, stacked"):
             edgerazor.quantize(tiny_qwen3, {"quant": {"weight": {"allocation": "every_other", "group_size": 64}}})
     # the built-ins never depend on the variable
     assert all(system.registry(k).owners[n] == owner for (k, n), owner in BUILTINS.items())

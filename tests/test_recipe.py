@@ -112,7 +112,7 @@ def test_malformed_override():
 
 
 def test_unknown_plugin_names_in_a_recipe_fail_when_used(tiny_qwen3):
-    with pytest.raises(PluginError, match=r"unknown allocations entry 'zigzag'; available: random, stacked, super_group"):
+    with pytest.raises(PluginError, match=r"unknown allocations entry 'zigzag'; available: per_tensor, random, stacked, super_group"):
         quantize(tiny_qwen3, {"quant": {"weight": {"allocation": "zigzag", "group_size": 64}}})
     with pytest.raises(PluginError, match=r"unknown quantizers entry 'int3'; available: int4, int8, ternary"):
         quantize(tiny_qwen3, {"quant": {"weight": {"high": "int3", "group_size": 64}}})
