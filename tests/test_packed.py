@@ -86,6 +86,10 @@ def test_true_bits_on_disk(tok, tmp_path):
     on_disk = (tmp_path / "p" / WEIGHTS_FILE).stat().st_size
     assert on_disk == pytest.approx(size["total_bytes"], rel=0.01)
     assert size["compression_vs_bf16"] > 4
+    # the size report agrees with `edgerazor bits` (which counts 1.58 bits per trit and no mask bits)
+    from edgerazor.quant import count_bits
+
+    assert size["compression_vs_bf16"] == pytest.approx(count_bits(model).compression_ratio, rel=0.03)
 
 
 def test_bad_input_is_a_clear_error(tok, tmp_path):
@@ -163,6 +167,12 @@ def test_cli_export_report_and_generate(tok, tmp_path, capsys):
     assert main(["export", str(run_dir), "--format", "packed", "--out", str(tmp_path / "p"), "--report"]) == 0
     out = capsys.readouterr().out
     assert "smaller than BF16" in out and "model.layers.0.mlp.down_proj" in out
+    gguf_path = tmp_path / "model.gguf"
+    assert main(["export", str(run_dir), "--format", "gguf", "--out", str(gguf_path), "--report"]) == 0
+    out = capsys.readouterr().out
+    assert gguf_path.is_file() and "blk.0.ffn_down.weight" in out and "Q4_0" in out
+    assert main(["export", str(run_dir), "--format", "gguf", "--strict", "--out", str(tmp_path / "s.gguf")]) == 2
+    assert "strict" in capsys.readouterr().err.lower() and not (tmp_path / "s.gguf").exists()
     assert main(["generate", str(tmp_path / "p"), "--prompt", "To be", "--max-new-tokens", "5"]) == 0
     streamed = capsys.readouterr().out
     assert streamed.startswith("To be") and len(streamed) > len("To be")

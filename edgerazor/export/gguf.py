@@ -32,6 +32,7 @@ together, so it stays exact).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,8 +112,15 @@ class GGUFReport:
         return {
             "path": str(self.path), "arch": self.arch, "tokenizer_pre": self.tokenizer_pre,
             "total_bytes": self.total_bytes, "file_bytes": self.file_bytes, "notes": list(self.notes),
-            "tensors": [asdict(t) for t in self.tensors],
+            "compression_vs_bf16": self.bf16_bytes / self.file_bytes if self.file_bytes else 0.0,
+            # the same keys as the packed format's size report, so one table prints both
+            "tensors": [asdict(t) | {"kind": t.ggml_type, "bytes": t.n_bytes} for t in self.tensors],
         }
+
+    @property
+    def bf16_bytes(self) -> int:
+        """The same tensors in BF16 (2 bytes per weight)."""
+        return sum(2 * math.prod(t.shape) for t in self.tensors)
 
     def table(self):
         from rich.table import Table
