@@ -305,6 +305,23 @@ def test_unquantized_layers_are_f32_with_a_note(tmp_path, qwen_tok):
     assert any("blk.0.ffn_down.weight" in n and "not quantized" in n for n in report.notes)
 
 
+@pytest.mark.parametrize("float_type, ggml", [("bf16", "BF16"), ("f16", "F16")])
+def test_unquantized_model_as_a_16_bit_baseline(tmp_path, qwen_tok, float_type, ggml):
+    """The BF16/F16 baseline of the deployment benchmark: a plain model, matrices rounded once."""
+    model = make_qwen3()
+    path = tmp_path / "base.gguf"
+    write_gguf(model, qwen_tok, path, float_type=float_type, quiet=True)
+    _, tensors = read(path)
+    t = tensors["blk.0.ffn_up.weight"]
+    assert t.tensor_type.name == ggml
+    torch_type = torch.bfloat16 if float_type == "bf16" else torch.float16
+    expected = model.model.layers[0].mlp.up_proj.weight.detach().to(torch_type).float().numpy()
+    assert np.array_equal(gguf_dequantize(t.data, t.tensor_type).reshape(expected.shape), expected)
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    with pytest.raises(EdgeRazorError, match="float type 'fp8'"):
+        write_gguf(model, qwen_tok, tmp_path / "x.gguf", float_type="fp8")
+
+
 # ------------------------------------------------------------------------------------------------
 # Tokenizer pre-tokenizer detection
 # ------------------------------------------------------------------------------------------------

@@ -533,7 +533,21 @@ def _owner(model: nn.Module, param_name: str) -> tuple[str, nn.Module]:
     return module_name, model.get_submodule(module_name)
 
 
-def _plan_tensors(model: nn.Module, arch: str, requested: str, strict: bool, notes: list[str]) -> list[_Planned]:
+#: float types for weight matrices the recipe left unquantized (norms and other vectors stay F32)
+FLOAT_TYPES = ("f32", "f16", "bf16")
+
+
+def _float_tensor(values: np.ndarray, float_type: str) -> tuple[str, np.ndarray]:
+    gguf = _gguf()
+    if float_type == "f16":
+        return "F16", values.astype(np.float16)
+    if float_type == "bf16":
+        return "BF16", gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
+    return "F32", np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _plan_tensors(model: nn.Module, arch: str, requested: str, strict: bool, notes: list[str],
+                  float_type: str = "f32") -> list[_Planned]:
     gguf = _gguf()
     config = model.config
     n_layers = int(config.num_hidden_layers)
@@ -569,10 +583,11 @@ def _plan_tensors(model: nn.Module, arch: str, requested: str, strict: bool, not
         values = param.detach().float().cpu().numpy()
         if permute:
             values = llama_permute(values, permute)
+        ggml_type, data = "F32", np.ascontiguousarray(values, dtype=np.float32)
         if values.ndim == 2:
-            notes.append(f"{gguf_name} ({param_name}) is not quantized by the recipe: written as F32 (exact)")
-        planned.append(_Planned(gguf_name, param_name, "F32", np.ascontiguousarray(values, dtype=np.float32),
-                                tuple(values.shape), None))
+            ggml_type, data = _float_tensor(values, float_type)
+            notes.append(f"{gguf_name} ({param_name}) is not quantized by the recipe: written as {ggml_type}")
+        planned.append(_Planned(gguf_name, param_name, ggml_type, data, tuple(values.shape), None))
     if not tied and head is not None and not any(p.name.startswith("output.") for p in planned):
         raise EdgeRazorError("untied lm_head was not exported (no 'output' tensor); refusing an incomplete GGUF")
     return planned
@@ -596,13 +611,15 @@ def _file_type(planned: list[_Planned]):
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str = "auto", strict: bool = False,
-               quiet: bool = False) -> GGUFReport:
+               quiet: bool = False, float_type: str = "f32") -> GGUFReport:
     """Write ``model`` (quantized by ``edgerazor.quantize``) and ``tokenizer`` as one GGUF file.
 
     ``type``: "auto" (all-ternary tensors with G % 256 == 0 -> TQ2_0, 4-bit -> Q4_0, mixed 4-bit /
     ternary -> Q4_0 losslessly with a note), "tq2_0" / "tq1_0" (that type for ternary tensors),
     "q4_0" (every 4-bit or ternary tensor in Q4_0). ``strict=True`` refuses any tensor that can
-    only be written in a wider type than its own (a note otherwise). The file is written to
+    only be written in a wider type than its own (a note otherwise). Weight matrices the recipe left
+    unquantized are written as ``float_type`` (f32: exact; f16 / bf16: 16-bit baselines, e.g. an
+    unquantized model for speed comparisons). The file is written to
     ``path + ".tmp"`` and moved into place, so ``path`` is either the old file or the whole new one.
     """
     gguf = _gguf()
@@ -619,7 +636,9 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
     arch = ARCHS[model_type]
     pre = detect_pre_tokenizer(tokenizer)
     notes: list[str] = []
-    planned = _plan_tensors(model, arch, type, strict, notes)
+    if float_type not in FLOAT_TYPES:
+        raise EdgeRazorError(f"GGUF float type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
+    planned = _plan_tensors(model, arch, type, strict, notes, float_type)
     meta = getattr(config, "edgerazor", None) or {}
     q = (meta.get("recipe") or {}).get("quant") or {}
     if (q.get("kv_cache") or {}).get("bits") == 8 or (q.get("activation") or {}).get("bits") == 8:
@@ -639,7 +658,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
         for p in planned:
-            raw_dtype = None if p.ggml_type == "F32" else getattr(gguf.GGMLQuantizationType, p.ggml_type)
+            raw_dtype = None if p.ggml_type in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, p.ggml_type)
             writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
