@@ -1,0 +1,108 @@
+"""Token-weighted perplexity over a dataset of ``input_ids`` / ``labels`` rows.
+
+``perplexity = exp(sum of next-token NLL / number of predicted tokens)``: position ``t``'s logits
+predict ``labels[t + 1]`` and positions whose label is -100 are skipped, exactly as transformers'
+causal-LM loss does. Every token counts equally, whatever batch it falls in (a mean of per-batch
+means would over-weight short batches).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def _as_list(value) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()
+    return list(value)
+
+
+def _collate(rows: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100); mask the padding."""
+    ids = [_as_list(r["input_ids"]) for r in rows]
+    labels = [_as_list(r["labels"]) if "labels" in r else list(i) for r, i in zip(rows, ids)]
+    for i, (a, b) in enumerate(zip(ids, labels)):
+        if len(a) != len(b):
+            raise ValueError(f"row {i}: input_ids has {len(a)} tokens but labels has {len(b)}")
+    length = max(len(a) for a in ids)
+    batch = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    target = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, (a, b) in enumerate(zip(ids, labels)):
+        batch[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        target[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        mask[i, : len(a)] = 1
+    return {"input_ids": batch, "labels": target, "attention_mask": mask}
+
+
+def _batches(dataset, batch_size: int) -> Iterable[list[Mapping]]:
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if hasattr(dataset, "select"):  # datasets.Dataset: one slice, then rows
+            chunk = dataset[start:stop]
+            keys = list(chunk)
+            yield [{k: chunk[k][i] for k in keys} for i in range(stop - start)]
+        else:
+            yield [dataset[i] for i in range(start, stop)]
+
+
+def nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
+    """(sum of next-token NLL in float64, number of predicted tokens) for one collated batch."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    attention_mask = batch.get("attention_mask")
+    kwargs = {"attention_mask": attention_mask.to(device)} if attention_mask is not None else {}
+    logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+    total, count = 0.0, 0
+    for row in range(logits.shape[0]):  # one row at a time: float32 logits of a big vocabulary are large
+        target = labels[row, 1:]
+        keep = target != IGNORE_INDEX
+        if not bool(keep.any()):
+            continue
+        row_logits = logits[row, :-1][keep].float()
+        total += float(F.cross_entropy(row_logits, target[keep], reduction="sum").double())
+        count += int(keep.sum())
+    return total, count
+
+
+def perplexity(model: nn.Module, dataset, batch_size: int = 8, progress: bool = True) -> float:
+    """Token-weighted ``exp(mean NLL)`` of ``model`` over ``dataset`` rows (``input_ids``, ``labels``).
+
+    Runs in eval mode under ``no_grad`` and restores the model's training mode afterwards.
+    Rows may differ in length (they are right-padded and masked); a row without ``labels``
+    is scored on all of its tokens. Raises if no row has a token to predict.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    config = getattr(model, "config", None)
+    pad_id = getattr(config, "pad_token_id", None) if config is not None else None
+    pad_id = pad_id if isinstance(pad_id, int) else 0
+    was_training = model.training
+    total, count = 0.0, 0
+    batches = _batches(dataset, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="perplexity", unit="batch",
+                       leave=False)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for rows in batches:
+                s, c = nll_sum(model, _collate(rows, pad_id))
+                total += s
+                count += c
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("perplexity: the dataset has no token to predict (every label is -100 or rows are too short)")
+    return math.exp(total / count)

@@ -1,0 +1,214 @@
+"""The offline demo path on a tiny budget: stdlib corpus, tokenizer, cached teacher, RTN, distillation.
+
+The assets are built once per module (a 2-layer, hidden-64 teacher trained for a few steps on a
+slice of the standard library) and every test reads them; the end-to-end test also times the path.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import edgerazor
+import edgerazor.demo as demo
+from edgerazor.demo import DemoSettings, collate_blocks, module_name, prepare_demo, split_corpus, stdlib_files
+from edgerazor.eval import perplexity
+from edgerazor.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = DemoSettings(
+    vocab_size=384, seq_len=64, held_out=("json", "csv", "textwrap"), train_chars=60_000, eval_blocks=12,
+    hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+    teacher_steps=4, teacher_batch_size=4, teacher_warmup_steps=1, seed=0,
+)
+#: configs/demo.yaml scaled to the tiny model: G=64 divides hidden 64 and intermediate 128.
+TINY_RECIPE_OVERRIDES = [
+    "quant.weight.group_size=64", "train.max_steps=2", "train.per_device_batch_size=4",
+    "train.logging_steps=1", "train.save_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Build the tiny assets twice, counting teacher trainings; yields both results and timings."""
+    root = tmp_path_factory.mktemp("demo-cache")
+    calls = []
+    real = demo.train_teacher
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "train_teacher", counting)
+        start = time.perf_counter()
+        first = prepare_demo(root, TINY, progress=False)
+        first_seconds = time.perf_counter() - start
+        entry_mtime = first.cache_dir.stat().st_mtime_ns
+        weights_mtime = (first.teacher_dir / "model.safetensors").stat().st_mtime_ns
+        start = time.perf_counter()
+        second = prepare_demo(root, TINY, progress=False)
+        second_seconds = time.perf_counter() - start
+    return {
+        "root": root, "first": first, "second": second, "calls": calls, "first_seconds": first_seconds,
+        "second_seconds": second_seconds, "entry_mtime": entry_mtime, "weights_mtime": weights_mtime,
+    }
+
+
+def test_cache_is_reused(built):
+    first, second = built["first"], built["second"]
+    assert not first.from_cache and second.from_cache
+    assert len(built["calls"]) == 1, "the second prepare_demo retrained the teacher"
+    assert second.cache_dir == first.cache_dir and second.cache_dir.parent == built["root"]
+    assert second.cache_dir.stat().st_mtime_ns == built["entry_mtime"]
+    assert (second.teacher_dir / "model.safetensors").stat().st_mtime_ns == built["weights_mtime"]
+    assert second.teacher_ppl == first.teacher_ppl
+    assert second.train_dataset["input_ids"] == first.train_dataset["input_ids"]
+    # only the finished entry is left: the temporary build directory was renamed into place
+    assert [p.name for p in built["root"].iterdir()] == [first.cache_dir.name]
+    meta = json.loads((first.cache_dir / "meta.json").read_text())
+    assert meta["settings"] == TINY.to_dict() and meta["teacher_ppl"] == first.teacher_ppl
+
+
+def test_cache_key_follows_the_settings(built):
+    corpus = split_corpus(TINY)
+    other = dataclasses.replace(TINY, teacher_steps=TINY.teacher_steps + 1)
+    assert demo.cache_key(TINY, corpus) == built["first"].cache_dir.name
+    assert demo.cache_key(other, split_corpus(other)) != demo.cache_key(TINY, corpus)
+
+
+def test_teacher_dir_loads_with_auto_classes(built):
+    assets = built["first"]
+    model = AutoModelForCausalLM.from_pretrained(assets.teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
+    assert model.config.model_type == "qwen3" and type(model).__name__ == "Qwen3ForCausalLM"
+    assert model.config.vocab_size == len(tokenizer) == TINY.vocab_size
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (TINY.hidden_size, TINY.num_layers)
+    assert tokenizer.eos_token == demo.EOS and tokenizer.pad_token == demo.PAD
+    assert model.config.eos_token_id == tokenizer.eos_token_id != tokenizer.pad_token_id == model.config.pad_token_id
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    source = "def f(x):\n    return x's  + 1 # ünïcode\n"
+    assert tokenizer.decode(tokenizer(source)["input_ids"]) == source  # byte-level: lossless
+    spec = json.loads((assets.teacher_dir / "tokenizer.json").read_text())
+    pre = spec["pre_tokenizer"]
+    assert [p["type"] for p in pre["pretokenizers"]] == ["Split", "ByteLevel"]
+    assert pre["pretokenizers"][0]["pattern"]["Regex"] == demo.QWEN2_PRETOKENIZE_REGEX
+    assert spec["model"]["type"] == "BPE"
+    # the stored teacher is the one whose perplexity was recorded
+    assert perplexity(model, assets.eval_dataset, progress=False) == pytest.approx(assets.teacher_ppl, rel=1e-4)
+
+
+def test_held_out_modules_are_not_in_the_training_corpus(built):
+    corpus = split_corpus(TINY)
+    held = set(TINY.held_out)
+    assert corpus.held_out and {module_name(p) for p in corpus.held_out} == held
+    assert not {module_name(p) for p in corpus.train} & held
+    assert sorted(corpus.train + corpus.held_out) == stdlib_files()  # a partition of the stdlib
+    assert not any(p.parts[0] in ("site-packages", "test") or "tests" in p.parts for p in corpus.train)
+    meta = built["first"].meta
+    assert meta["train_files"] and not {module_name(Path(p)) for p in meta["train_files"]} & held
+    assert {module_name(Path(p)) for p in meta["held_out_files"]} == held
+    # and the eval blocks really are held-out text, found nowhere in the training blocks
+    tokenizer = AutoTokenizer.from_pretrained(built["first"].teacher_dir)
+    train_text = "".join(tokenizer.decode(b) for b in built["first"].train_dataset["input_ids"])
+    held_text = "".join(corpus.read(p) for p in corpus.held_out)
+    for block in built["first"].eval_dataset["input_ids"][:4]:
+        probe = max(tokenizer.decode(block).split(demo.EOS), key=len)  # one file's contiguous text
+        assert len(probe) > 40 and probe in held_text and probe not in train_text
+
+
+def test_datasets_are_packed_blocks(built):
+    assets = built["first"]
+    for ds in (assets.train_dataset, assets.eval_dataset):
+        assert isinstance(ds, datasets.Dataset) and {"input_ids", "labels"} <= set(ds.column_names)
+        assert all(len(row) == TINY.seq_len for row in ds["input_ids"])
+        assert ds["labels"] == ds["input_ids"]
+    assert len(assets.eval_dataset) == TINY.eval_blocks
+
+
+def test_perplexity_matches_transformers_loss(built):
+    model = AutoModelForCausalLM.from_pretrained(built["first"].teacher_dir).train()
+    block = built["first"].eval_dataset.select([0])
+    ids = torch.tensor(block["input_ids"])
+    with torch.no_grad():
+        reference = math.exp(float(model.eval()(input_ids=ids, labels=ids).loss))
+    model.train()
+    assert perplexity(model, block, progress=False) == pytest.approx(reference, rel=1e-5)
+    assert model.training, "perplexity() must restore training mode"
+    model.eval()
+    perplexity(model, block, progress=False)
+    assert not model.training
+
+
+def test_perplexity_is_token_weighted(built):
+    """Ragged rows and masked labels: every predicted token counts once, whatever the batching."""
+    model = AutoModelForCausalLM.from_pretrained(built["first"].teacher_dir).eval()
+    blocks = built["first"].eval_dataset["input_ids"][:3]
+    rows = [
+        {"input_ids": blocks[0], "labels": blocks[0]},
+        {"input_ids": blocks[1][:20], "labels": [-100] * 10 + blocks[1][10:20]},
+        {"input_ids": blocks[2][:41], "labels": blocks[2][:41]},
+    ]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]])
+            labels = torch.tensor(row["labels"])
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            keep = labels[1:] != -100
+            nll += float(torch.nn.functional.cross_entropy(logits[keep], labels[1:][keep], reduction="sum"))
+            count += int(keep.sum())
+    expected = math.exp(nll / count)
+    ds = datasets.Dataset.from_list(rows)
+    for batch_size in (1, 2, 3):
+        assert perplexity(model, ds, batch_size=batch_size, progress=False) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(model, rows, batch_size=2, progress=False) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="no token"):
+        perplexity(model, [{"input_ids": [1, 2], "labels": [-100, -100]}], progress=False)
+
+
+def test_demo_recipe_validates():
+    recipe = load_recipe(REPO / "configs" / "demo.yaml")
+    assert recipe.name == "demo" and recipe.quant.w_a_kv == "1.88-8-8"
+    assert recipe.quant.weight.allocation == "super_group" and recipe.quant.weight.rho == 0.125
+    assert recipe.distill.selector == "adaptive" and recipe.distill.kl_mixer == "eakld"
+    assert recipe.quant.embedding.quantizer == recipe.quant.lm_head.quantizer == "int4"
+    g = recipe.quant.weight.group_size
+    s = DemoSettings()
+    for dim in (s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim):  # every input dim of the teacher
+        assert dim % g == 0, f"group size {g} does not divide {dim}"
+    assert s.head_dim % (recipe.quant.kv_cache.group_size or s.head_dim) == 0
+
+
+def test_demo_path_end_to_end(built, tmp_path):
+    """prepare_demo (cached) -> RTN student -> 2 distillation steps -> perplexities, inside 60 s."""
+    from edgerazor.distill import distill
+
+    start = time.perf_counter()
+    assets = prepare_demo(built["root"], TINY, progress=False)
+    assert assets.from_cache
+    recipe = load_recipe(REPO / "configs" / "demo.yaml", TINY_RECIPE_OVERRIDES)
+    teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir)
+    student = copy.deepcopy(teacher)
+    edgerazor.quantize(student, recipe)
+    rtn = perplexity(student, assets.eval_dataset, progress=False)
+    trainer = distill(teacher, student, assets.train_dataset, recipe, tmp_path / "run", collate_blocks, disable_tqdm=True)
+    distilled = perplexity(student, assets.eval_dataset, progress=False)
+    elapsed = time.perf_counter() - start + built["first_seconds"] + built["second_seconds"]
+    assert trainer.state.global_step == 2
+    assert all(math.isfinite(x) and x > 1 for x in (assets.teacher_ppl, rtn, distilled))
+    assert rtn != assets.teacher_ppl  # the student really is quantized
+    logged = [h for h in trainer.state.log_history if "loss_logit" in h]
+    assert logged and all(math.isfinite(h["loss"]) for h in logged)
+    assert elapsed < 60, f"the tiny demo path took {elapsed:.0f} s (budget 60 s)"
