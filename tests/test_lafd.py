@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from edgerazor.distill.features import feature_loss, record_residual_stream
 from edgerazor.plugin_manager import get_plugins

@@ -323,8 +323,11 @@ class DistillCollator:
     tokenizer: Any
     pad_to_multiple_of: int | None = None
     label_pad_id: int = IGNORE_INDEX
+    pad_token_id: int | None = None  # overrides the tokenizer's (then ``tokenizer`` may be None)
 
     def pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id

@@ -9,37 +9,15 @@ means would over-weight short batches).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgerazor.data.formatting import DistillCollator
+
 IGNORE_INDEX = -100
-
-
-def _as_list(value) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        return value.reshape(-1).tolist()
-    return list(value)
-
-
-def _collate(rows: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100); mask the padding."""
-    ids = [_as_list(r["input_ids"]) for r in rows]
-    labels = [_as_list(r["labels"]) if "labels" in r else list(i) for r, i in zip(rows, ids)]
-    for i, (a, b) in enumerate(zip(ids, labels)):
-        if len(a) != len(b):
-            raise ValueError(f"row {i}: input_ids has {len(a)} tokens but labels has {len(b)}")
-    length = max(len(a) for a in ids)
-    batch = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    target = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, (a, b) in enumerate(zip(ids, labels)):
-        batch[i, : len(a)] = torch.tensor(a, dtype=torch.long)
-        target[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-        mask[i, : len(a)] = 1
-    return {"input_ids": batch, "labels": target, "attention_mask": mask}
 
 
 def _batches(dataset, batch_size: int) -> Iterable[list[Mapping]]:
@@ -86,6 +64,7 @@ def perplexity(model: nn.Module, dataset, batch_size: int = 8, progress: bool = 
     config = getattr(model, "config", None)
     pad_id = getattr(config, "pad_token_id", None) if config is not None else None
     pad_id = pad_id if isinstance(pad_id, int) else 0
+    collate = DistillCollator(None, pad_token_id=pad_id)  # right padding, labels -100, attention mask
     was_training = model.training
     total, count = 0.0, 0
     batches = _batches(dataset, batch_size)
@@ -98,7 +77,7 @@ def perplexity(model: nn.Module, dataset, batch_size: int = 8, progress: bool = 
         model.eval()
         with torch.no_grad():
             for rows in batches:
-                s, c = nll_sum(model, _collate(rows, pad_id))
+                s, c = nll_sum(model, collate(rows))
                 total += s
                 count += c
     finally:
