@@ -52,6 +52,10 @@ Outputs in ``--out`` (default ``runs/bench_quality``): ``results.json``, ``resul
 ``cells/*.json`` (one per finished cell; a rerun with identical settings reuses them, so an
 interrupted run continues where it stopped; ``--fresh`` ignores them).
 Target: at 1.88 bits SG+A+E closes >= 80% of the gap and beats QAT-CE.
+Reference run (2 shared CPU cores, defaults): teacher 73.1 (best at step 1000; 75.5 by 1100, so
+training stopped; 44 min), RTN 1.88 82.6, SG+A+E 74.2 (88% closed), QAT-CE 77.1 (56%); the grid
+takes ~40 min. ``OMP_WAIT_POLICY=PASSIVE`` is set because spinning OpenMP threads made each step
+2-4x slower on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # 2 busy cores, a training step took 2.3 s with passive waiting and 4-9 s with the default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()
