@@ -120,7 +120,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import edgerazor
 
-    model, tokenizer = edgerazor.load(_student_dir(args.model))
+    model, tokenizer = edgerazor.load(_student_dir(args.model), dense=args.dense)
     if tokenizer is None:
         raise EdgeRazorError(f"{args.model} has no tokenizer files: cannot encode the prompt")
     inputs = tokenizer(args.prompt, return_tensors="pt")
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--dense", action="store_true",
+                          help="packed exports: dequantize once at load (faster, float32 memory; same tokens)")
     generate.set_defaults(func=_cmd_generate)
 
     bits = sub.add_parser("bits", help="quantized fraction, effective bits and compression ratio of a model shape")

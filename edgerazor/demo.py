@@ -74,7 +74,7 @@ class DemoSettings:
         "argparse", "csv", "difflib", "fractions", "heapq", "json", "pprint", "shlex", "statistics", "textwrap",
     )
     train_chars: int | None = None  # cap on training source characters (None: all of the stdlib)
-    eval_blocks: int | None = 96  # evenly spaced held-out blocks kept for evaluation (None: all)
+    eval_blocks: int | None = 192  # evenly spaced held-out blocks kept for evaluation (None: all)
     # model (a real Qwen3 architecture; every input dim must be a multiple of the student's group size)
     hidden_size: int = 256
     intermediate_size: int = 768
@@ -83,10 +83,10 @@ class DemoSettings:
     num_kv_heads: int = 2
     head_dim: int = 64
     # teacher pretraining (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
-    teacher_steps: int = 300
-    teacher_lr: float = 3e-3
-    teacher_batch_size: int = 16
-    teacher_warmup_steps: int = 30
+    teacher_steps: int = 1000
+    teacher_lr: float = 2e-3
+    teacher_batch_size: int = 4
+    teacher_warmup_steps: int = 50
     teacher_min_lr_ratio: float = 0.1
     teacher_weight_decay: float = 0.1
     seed: int = 0

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import datasets
@@ -40,7 +39,7 @@ TINY_RECIPE_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Build the tiny assets twice, counting teacher trainings; yields both results and timings."""
+    """Build the tiny assets twice, counting teacher trainings; yields both results."""
     root = tmp_path_factory.mktemp("demo-cache")
     calls = []
     real = demo.train_teacher
@@ -51,17 +50,13 @@ def built(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(demo, "train_teacher", counting)
-        start = time.perf_counter()
         first = prepare_demo(root, TINY, progress=False)
-        first_seconds = time.perf_counter() - start
         entry_mtime = first.cache_dir.stat().st_mtime_ns
         weights_mtime = (first.teacher_dir / "model.safetensors").stat().st_mtime_ns
-        start = time.perf_counter()
         second = prepare_demo(root, TINY, progress=False)
-        second_seconds = time.perf_counter() - start
     return {
-        "root": root, "first": first, "second": second, "calls": calls, "first_seconds": first_seconds,
-        "second_seconds": second_seconds, "entry_mtime": entry_mtime, "weights_mtime": weights_mtime,
+        "root": root, "first": first, "second": second, "calls": calls,
+        "entry_mtime": entry_mtime, "weights_mtime": weights_mtime,
     }
 
 
@@ -192,10 +187,9 @@ def test_demo_recipe_validates():
 
 
 def test_demo_path_end_to_end(built, tmp_path):
-    """prepare_demo (cached) -> RTN student -> 2 distillation steps -> perplexities, inside 60 s."""
+    """prepare_demo (cached) -> RTN student -> 2 distillation steps -> perplexities."""
     from edgerazor.distill import distill
 
-    start = time.perf_counter()
     assets = prepare_demo(built["root"], TINY, progress=False)
     assert assets.from_cache
     recipe = load_recipe(REPO / "configs" / "demo.yaml", TINY_RECIPE_OVERRIDES)
@@ -205,10 +199,8 @@ def test_demo_path_end_to_end(built, tmp_path):
     rtn = perplexity(student, assets.eval_dataset, progress=False)
     trainer = distill(teacher, student, assets.train_dataset, recipe, tmp_path / "run", collate_blocks, disable_tqdm=True)
     distilled = perplexity(student, assets.eval_dataset, progress=False)
-    elapsed = time.perf_counter() - start + built["first_seconds"] + built["second_seconds"]
     assert trainer.state.global_step == 2
     assert all(math.isfinite(x) and x > 1 for x in (assets.teacher_ppl, rtn, distilled))
     assert rtn != assets.teacher_ppl  # the student really is quantized
     logged = [h for h in trainer.state.log_history if "loss_logit" in h]
     assert logged and all(math.isfinite(h["loss"]) for h in logged)
-    assert elapsed < 60, f"the tiny demo path took {elapsed:.0f} s (budget 60 s)"

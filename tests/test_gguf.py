@@ -17,7 +17,7 @@ pytest.importorskip("gguf")  # the "export" extra
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 import edgerazor
@@ -350,6 +350,21 @@ def test_pre_tokenizer_detection_and_refusals(tmp_path):
     with pytest.raises(EdgeRazorError, match="unknown pre-tokenizer"):
         write_gguf(model, unknown, path)
     assert not path.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_nfc_normalizer_is_kept_with_a_note(tmp_path):
+    """Qwen2's tokenizer (and the demo's) NFC-normalizes; llama.cpp does not, so the export says so."""
+    nfc = qwen2_tokenizer()
+    nfc.backend_tokenizer.normalizer = normalizers.NFC()
+    model = make_qwen3()
+    edgerazor.quantize(model, recipe(1.0, 64))
+    report = write_gguf(model, nfc, tmp_path / "n.gguf", quiet=True)
+    assert [n for n in report.notes if "NFC normalization and llama.cpp does not" in n]
+    assert not [n for n in write_gguf(model, qwen2_tokenizer(), tmp_path / "p.gguf", quiet=True).notes if "NFC" in n]
+    nfkc = qwen2_tokenizer()
+    nfkc.backend_tokenizer.normalizer = normalizers.NFKC()
+    with pytest.raises(EdgeRazorError, match="normalizer 'NFKC' has no llama.cpp equivalent"):
+        write_gguf(model, nfkc, tmp_path / "k.gguf")
 
 
 # ------------------------------------------------------------------------------------------------

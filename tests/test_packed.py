@@ -54,6 +54,26 @@ def test_packed_logits_equal_fake_quant_exactly(tok, tmp_path, scheme):
         b = runtime.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
     assert tokenizer.get_vocab() == tok.get_vocab()
+    dense, _ = edgerazor.load(tmp_path / "p", dense=True)  # dequantized once at load: the same numbers
+    assert dense.model.layers[0].mlp.down_proj.packed.dense is not None
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, model(ids).logits)
+
+
+def test_row_dequantization_equals_the_full_weight(tok, tmp_path):
+    """An embedding lookup dequantizes only the rows it needs, high and low rows mixed."""
+    torch.manual_seed(0)
+    model = quantized(Qwen3ForCausalLM(tiny_qwen3_config(vocab_size=len(tok))), "1.88-8-8", embedding={"quantizer": "int4"})
+    export_packed(model, tok, tmp_path / "p")
+    runtime, _ = load_packed(tmp_path / "p")
+    weight = runtime.model.layers[0].mlp.down_proj.packed
+    index = torch.tensor([5, 0, 5, weight.layout["d_out"] - 1, 17, 3])
+    assert weight.precision_mask[index].any() and not weight.precision_mask[index].all()
+    assert torch.equal(weight.rows(index), weight()[index])
+    ids = torch.tensor([[4, 4, 9, len(tok) - 1]])
+    assert torch.equal(runtime.model.embed_tokens(ids), model.model.embed_tokens(ids))
+    with pytest.raises(IndexError, match="token ids"):
+        runtime.model.embed_tokens(torch.tensor([[len(tok)]]))
 
 
 def test_untied_llama_with_a_custom_trained_mask(tok, tmp_path):

@@ -130,10 +130,10 @@ def _torch_child(kind: str, path: str, tokens: int, queue) -> None:
 
     torch.set_num_threads(2)
     rss0 = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-    if kind == "packed":
+    if kind.startswith("packed"):
         import edgerazor
 
-        model, _ = edgerazor.load(path)
+        model, _ = edgerazor.load(path, dense=kind == "packed-dense")
     else:
         from transformers import AutoModelForCausalLM
 
@@ -152,14 +152,18 @@ def torch_runtimes(args, base) -> dict[str, dict]:
     base.to(dtype=__import__("torch").bfloat16).save_pretrained(args.out / "bf16_hf")
     ctx = mp.get_context("spawn")
     results = {}
-    for kind, path in (("transformers BF16", args.out / "bf16_hf"), ("packed runtime (1.88)", args.out / "packed")):
+    runs = (
+        ("transformers BF16", "bf16", args.out / "bf16_hf"),
+        ("packed runtime (1.88, true bits)", "packed", args.out / "packed"),
+        ("packed runtime (1.88, dense=True)", "packed-dense", args.out / "packed"),
+    )
+    for name, kind, path in runs:
         queue = ctx.Queue()
-        proc = ctx.Process(target=_torch_child, args=("packed" if "packed" in kind else "bf16", str(path),
-                                                     args.torch_tokens, queue))
+        proc = ctx.Process(target=_torch_child, args=(kind, str(path), args.torch_tokens, queue))
         proc.start()
-        results[kind] = queue.get()
+        results[name] = queue.get()
         proc.join()
-        print(f"{kind}: {results[kind]['tokens_per_second']:.2f} tok/s", flush=True)
+        print(f"{name}: {results[name]['tokens_per_second']:.2f} tok/s", flush=True)
     return results
 
 

@@ -368,6 +368,16 @@ def detect_pre_tokenizer(tokenizer) -> str:
     )
 
 
+def normalizer_note(tokenizer) -> str | None:
+    """A note when the tokenizer normalizes text (NFC, as Qwen2's does) and llama.cpp will not."""
+    normalizer = _tokenizer_json(tokenizer).get("normalizer")
+    if normalizer is None:
+        return None
+    return (f"the tokenizer applies {normalizer.get('type')} normalization and llama.cpp does not: text that is not "
+            "already NFC (decomposed accents, e.g. from macOS file names) tokenizes differently there; normalize "
+            "prompts with unicodedata.normalize('NFC', text) before llama.cpp sees them")
+
+
 def _looks_special(token: str) -> bool:
     return token.startswith("<|") and token.endswith("|>")
 
@@ -635,7 +645,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
         raise EdgeRazorError("GGUF export needs the tokenizer: llama.cpp reads the vocabulary from the file")
     arch = ARCHS[model_type]
     pre = detect_pre_tokenizer(tokenizer)
-    notes: list[str] = []
+    notes: list[str] = [note] if (note := normalizer_note(tokenizer)) else []
     if float_type not in FLOAT_TYPES:
         raise EdgeRazorError(f"GGUF float type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
     planned = _plan_tensors(model, arch, type, strict, notes, float_type)

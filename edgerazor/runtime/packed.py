@@ -41,32 +41,53 @@ LUTS = {
 def unpack_codes(packed: torch.Tensor, codec: str, n: int) -> torch.Tensor:
     """Torch twin of ``edgerazor.export.pack``'s unpack functions: int8 codes ``[..., n]``."""
     lut = LUTS[codec].to(packed.device)
-    return lut[packed.long()].reshape(*packed.shape[:-1], -1)[..., :n]
+    return lut[packed.int()].reshape(*packed.shape[:-1], -1)[..., :n]
 
 
 class PackedWeight(nn.Module):
-    """A quantized weight stored as packed codes; calling it returns the dequantized float32 weight."""
+    """A quantized weight stored as packed codes; calling it returns the dequantized float32 weight.
+
+    ``rows(index)`` dequantizes only the rows asked for (an embedding lookup touches a handful of
+    the vocabulary's rows per token). ``materialize()`` dequantizes once and keeps the float32
+    weight: the same numbers, faster generation, but float32 memory instead of the true bits.
+    """
 
     def __init__(self, layout: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.layout = layout
-        mask = pack.unpack_mask(tensors["mask"].numpy(), layout["d_out"])
-        self.register_buffer("precision_mask", torch.from_numpy(mask))
+        mask = torch.from_numpy(pack.unpack_mask(tensors["mask"].numpy(), layout["d_out"]))
+        self.register_buffer("precision_mask", mask)
         self.register_buffer("scales", tensors["scales"])
         self.register_buffer("codes_high", tensors.get("codes_high"))
         self.register_buffer("codes_low", tensors.get("codes_low"))
+        # row r of the weight is row part_row[r] of codes_high (mask set) or codes_low (mask clear)
+        high_rank, low_rank = torch.cumsum(mask, 0) - 1, torch.cumsum(~mask, 0) - 1
+        self.register_buffer("part_row", torch.where(mask, high_rank, low_rank), persistent=False)
+        self.register_buffer("dense", None, persistent=False)
 
-    def forward(self) -> torch.Tensor:
+    def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantized rows ``index`` (all rows when None), ``codes * scale`` in float32 as in training."""
         lay = self.layout
         width = lay["padded_d_in"]
-        codes = torch.empty(lay["d_out"], width, dtype=torch.int8, device=self.scales.device)
-        for part, rows in (("high", self.precision_mask), ("low", ~self.precision_mask)):
+        mask = self.precision_mask if index is None else self.precision_mask[index]
+        codes = torch.empty(mask.shape[0], width, dtype=torch.int8, device=self.scales.device)
+        for part, rows in (("high", mask), ("low", ~mask)):
             packed = getattr(self, f"codes_{part}")
-            if packed is not None:
-                codes[rows] = unpack_codes(packed, lay[f"codec_{part}"], width)
-        groups = codes.reshape(lay["d_out"], -1, lay["group_size"]).to(torch.float32)
-        weight = groups * self.scales.to(torch.float32).unsqueeze(-1)
-        return weight.reshape(lay["d_out"], width)[:, : lay["d_in"]]
+            if packed is None:
+                continue
+            if index is not None:
+                packed = packed[self.part_row[index[rows]]]
+            codes[rows] = unpack_codes(packed, lay[f"codec_{part}"], width)
+        scales = self.scales if index is None else self.scales[index]
+        groups = codes.reshape(mask.shape[0], -1, lay["group_size"]).to(torch.float32)
+        weight = groups * scales.to(torch.float32).unsqueeze(-1)
+        return weight.reshape(mask.shape[0], width)[:, : lay["d_in"]]
+
+    def materialize(self) -> None:
+        self.dense = self.rows()
+
+    def forward(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else self.rows()
 
 
 class PackedLinear(nn.Module):
@@ -91,7 +112,12 @@ class PackedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.layout["d_out"], weight.layout["d_in"]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.packed(), self.padding_idx)
+        if self.packed.dense is not None:
+            return F.embedding(input_ids, self.packed.dense, self.padding_idx)
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
+            raise IndexError(f"token ids must lie in [0, {self.num_embeddings}), got [{input_ids.min()}, {input_ids.max()}]")
+        used, position = torch.unique(input_ids, return_inverse=True)
+        return self.packed.rows(used)[position]
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -134,8 +160,13 @@ def _rebuild_rotary(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, type(module)(config=module.config))
 
 
-def load_packed(path: str | Path, verify: bool = True):
-    """``(model, tokenizer)`` from a packed export; quantized layers compute from the packed codes."""
+def load_packed(path: str | Path, verify: bool = True, dense: bool = False):
+    """``(model, tokenizer)`` from a packed export; quantized layers compute from the packed codes.
+
+    ``dense=True`` dequantizes every layer once at load (float32 weights: several times faster
+    generation, float32 memory); the default keeps only the packed bytes in memory. Both give the
+    same logits bit for bit.
+    """
     from edgerazor.quant.surgery import quantize
     from edgerazor.recipe import recipe_from_dict
 
@@ -184,5 +215,8 @@ def load_packed(path: str | Path, verify: bool = True):
             f"{path / WEIGHTS_FILE} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(plain, strict=False)
+    if dense:
+        for weight in packed.values():
+            weight.materialize()
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
