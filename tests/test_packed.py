@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen3ForCausalLM
@@ -14,7 +15,8 @@ from edgerazor.errors import EdgeRazorError
 from edgerazor.export import packed as packed_mod
 from edgerazor.export.pack import CODECS
 from edgerazor.export.packed import METADATA_FILE, WEIGHTS_FILE, export_packed
-from edgerazor.runtime.packed import LUTS, PackedLinear, load_packed, unpack_codes
+from edgerazor.runtime.packed import CODECS as TORCH_CODECS
+from edgerazor.runtime.packed import PackedLinear, load_packed, unpack_codes
 from tests.conftest import tiny_llama_config, tiny_qwen3_config
 from tests.tokenizer_utils import train_tiny_tokenizer
 
@@ -29,14 +31,18 @@ def quantized(model, scheme="1.88-8-8", group=64, **quant):
     return model.eval()
 
 
-def test_torch_luts_match_the_numpy_codecs():
-    g = torch.Generator().manual_seed(0)
-    for codec, (pack_fn, _, _, _) in CODECS.items():
+@pytest.mark.parametrize("n", [37, 40, 1])
+def test_torch_unpack_matches_the_numpy_codecs(n):
+    g = torch.Generator().manual_seed(n)
+    assert set(TORCH_CODECS) == set(CODECS)
+    scratch = torch.full((4096,), 99, dtype=torch.int8)  # a reused buffer with stale contents
+    for codec, (pack_fn, unpack_fn, _, _) in CODECS.items():
         qmax = {"int4": 7, "int8": 127}.get(codec, 1)
-        codes = torch.randint(-qmax, qmax + 1, (3, 37), generator=g, dtype=torch.int8)
-        packed = torch.from_numpy(pack_fn(codes.numpy()))
-        assert torch.equal(unpack_codes(packed, codec, 37), codes), codec
-    assert set(LUTS) == set(CODECS)
+        codes = torch.randint(-qmax, qmax + 1, (3, n), generator=g, dtype=torch.int8)
+        packed = pack_fn(codes.numpy())
+        assert np.array_equal(unpack_fn(packed, n), codes.numpy()), codec
+        assert torch.equal(unpack_codes(torch.from_numpy(packed), codec, n), codes), codec
+        assert torch.equal(unpack_codes(torch.from_numpy(packed), codec, n, out=scratch), codes), codec
 
 
 @pytest.mark.parametrize("scheme", ["1.88-8-8", "2.79-16-16", "1.58-8-8", "4-8-16"])
@@ -74,6 +80,16 @@ def test_row_dequantization_equals_the_full_weight(tok, tmp_path):
     assert torch.equal(runtime.model.embed_tokens(ids), model.model.embed_tokens(ids))
     with pytest.raises(IndexError, match="token ids"):
         runtime.model.embed_tokens(torch.tensor([[len(tok)]]))
+    # gradients through the runtime (attribution) must not see the shared workspace being reused
+    x = torch.randn(3, weight.layout["d_in"], requires_grad=True)
+    layer, reference = runtime.model.layers[0].mlp.down_proj, model.model.layers[0].mlp.down_proj
+    out = layer(x)
+    with torch.no_grad():
+        runtime.model.layers[1].mlp.down_proj(torch.randn(3, weight.layout["d_in"]))  # uses the workspace
+    (out * torch.arange(layer.out_features)).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (reference(x_ref) * torch.arange(layer.out_features)).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
 
 
 def test_untied_llama_with_a_custom_trained_mask(tok, tmp_path):

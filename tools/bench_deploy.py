@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import multiprocessing as mp
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -124,12 +123,21 @@ def llama_bench(args, llama, files: dict[str, dict]) -> None:
         files[name][key + "_std"] = row["stddev_ts"]
 
 
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc (``ru_maxrss`` survives exec, so a spawned
+    child would report its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _torch_child(kind: str, path: str, tokens: int, queue) -> None:
     """One measurement in a fresh process: load, warm up, time greedy generation, peak RSS."""
     import torch
 
     torch.set_num_threads(2)
-    rss0 = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    rss0 = _status_bytes("VmRSS")
     if kind.startswith("packed"):
         import edgerazor
 
@@ -144,7 +152,7 @@ def _torch_child(kind: str, path: str, tokens: int, queue) -> None:
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     queue.put({"tokens_per_second": tokens / seconds, "peak_rss_bytes": peak, "model_peak_bytes": peak - rss0})
 
 

@@ -1,7 +1,7 @@
 """Load a packed export as a transformers model that computes from the packed codes.
 
 Quantized layers keep only the packed bytes (and fp16 scales); each forward unpacks them with
-byte lookup tables and dequantizes exactly as training did (``codes * scale`` in float32), so
+bitwise operations and dequantizes exactly as training did (``codes * scale`` in float32), so
 the logits equal the fake-quant student's bit for bit, A8 and KV8 included.
 """
 
@@ -24,24 +24,56 @@ from edgerazor.export.packed import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKEN
 from edgerazor.models import build_model
 from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding, QuantLinear
 
-
-def _lut(codes_per_byte: int, decode) -> torch.Tensor:
-    return torch.tensor([decode(b) for b in range(256)], dtype=torch.int8).reshape(256, codes_per_byte)
-
-
-#: byte -> the codes it holds, for each codec of ``edgerazor.export.pack``
-LUTS = {
-    "ternary_base3": _lut(5, lambda b: [(b // 3**k) % 3 - 1 for k in range(5)]),
-    "ternary_2bit": _lut(4, lambda b: [((b >> (2 * k)) & 3) - 1 for k in range(4)]),
-    "int4": _lut(2, lambda b: [(b & 15) - 8, (b >> 4) - 8]),
-    "int8": _lut(1, lambda b: [b - 256 if b > 127 else b]),
-}
+#: codec of ``edgerazor.export.pack`` -> (codes per byte, offset of the stored unsigned field)
+CODECS = {"ternary_base3": (5, 1), "ternary_2bit": (4, 1), "int4": (2, 8), "int8": (1, 0)}
 
 
-def unpack_codes(packed: torch.Tensor, codec: str, n: int) -> torch.Tensor:
-    """Torch twin of ``edgerazor.export.pack``'s unpack functions: int8 codes ``[..., n]``."""
-    lut = LUTS[codec].to(packed.device)
-    return lut[packed.int()].reshape(*packed.shape[:-1], -1)[..., :n]
+def unpack_codes(packed: torch.Tensor, codec: str, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch twin of ``edgerazor.export.pack``'s unpack functions: int8 codes ``[..., n]``.
+
+    Bitwise operations on the uint8 bytes (several times faster than a byte lookup table);
+    ``out`` is an optional int8/uint8 buffer of at least ``packed.numel() * codes per byte``.
+    """
+    per, offset = CODECS[codec]
+    lead, nbytes = packed.shape[:-1], packed.shape[-1]
+    if out is None:
+        fields = torch.empty(*lead, nbytes, per, dtype=torch.uint8, device=packed.device)
+    else:
+        fields = out.view(torch.uint8)[: packed.numel() * per].view(*lead, nbytes, per)
+    if codec == "int8":
+        fields[..., 0].copy_(packed)
+    elif codec == "int4":
+        torch.bitwise_and(packed, 15, out=fields[..., 0])
+        torch.bitwise_right_shift(packed, 4, out=fields[..., 1])
+    elif codec == "ternary_2bit":
+        for k in range(4):
+            torch.bitwise_right_shift(packed, 2 * k, out=fields[..., k]).bitwise_and_(3)
+    else:  # five base-3 digits per byte
+        for k in range(5):
+            torch.div(packed, 3**k, rounding_mode="floor", out=fields[..., k]).remainder_(3)
+    codes = fields.view(torch.int8)
+    if offset:
+        codes.sub_(offset)
+    return codes.reshape(*lead, nbytes * per)[..., :n]
+
+
+class Workspace:
+    """Reusable dequantization buffers shared by a model's packed weights.
+
+    A forward needs one dequantized weight at a time, so one float32 buffer the size of the
+    largest weight serves every layer; allocating (and page-faulting) a fresh full-size weight per
+    layer per token made generation ~10x slower.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (kind, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
 
 
 class PackedWeight(nn.Module):
@@ -64,27 +96,48 @@ class PackedWeight(nn.Module):
         high_rank, low_rank = torch.cumsum(mask, 0) - 1, torch.cumsum(~mask, 0) - 1
         self.register_buffer("part_row", torch.where(mask, high_rank, low_rank), persistent=False)
         self.register_buffer("dense", None, persistent=False)
+        self.workspace: Workspace | None = None  # set by load_packed: shared by the model's weights
 
-    def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Dequantized rows ``index`` (all rows when None), ``codes * scale`` in float32 as in training."""
+    def rows(self, index: torch.Tensor | None = None, workspace: Workspace | None = None) -> torch.Tensor:
+        """Dequantized rows ``index`` (all rows when None), ``codes * scale`` in float32 as in training.
+
+        With a ``workspace`` the result is a view into its buffer, valid until its next use.
+        """
         lay = self.layout
-        width = lay["padded_d_in"]
+        width, group = lay["padded_d_in"], lay["group_size"]
         mask = self.precision_mask if index is None else self.precision_mask[index]
-        codes = torch.empty(mask.shape[0], width, dtype=torch.int8, device=self.scales.device)
+        n_rows, device = mask.shape[0], self.scales.device
+        if n_rows == 0:
+            return torch.empty(0, lay["d_in"], dtype=torch.float32, device=device)
+
+        def buffer(kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+            if workspace is None:
+                return torch.empty(numel, dtype=dtype, device=device)
+            return workspace.take(kind, numel, dtype, device)
+
+        codes = None
         for part, rows in (("high", mask), ("low", ~mask)):
             packed = getattr(self, f"codes_{part}")
-            if packed is None:
+            if packed is None or not bool(rows.any()):
                 continue
             if index is not None:
                 packed = packed[self.part_row[index[rows]]]
-            codes[rows] = unpack_codes(packed, lay[f"codec_{part}"], width)
+            unpacked = unpack_codes(packed, lay[f"codec_{part}"], width,
+                                    out=buffer(f"unpack_{part}", packed.numel() * CODECS[lay[f"codec_{part}"]][0], torch.int8))
+            if packed.shape[0] == n_rows:  # a pure tensor: no scatter
+                codes = unpacked
+                break
+            if codes is None:
+                codes = buffer("codes", n_rows * width, torch.int8).view(n_rows, width)
+            codes.index_copy_(0, rows.nonzero().squeeze(1), unpacked)
+        weight = buffer("weight", n_rows * width, torch.float32).view(n_rows, width)
+        weight.copy_(codes)
         scales = self.scales if index is None else self.scales[index]
-        groups = codes.reshape(mask.shape[0], -1, lay["group_size"]).to(torch.float32)
-        weight = groups * scales.to(torch.float32).unsqueeze(-1)
-        return weight.reshape(mask.shape[0], width)[:, : lay["d_in"]]
+        weight.view(n_rows, -1, group).mul_(scales.to(torch.float32).unsqueeze(-1))
+        return weight[:, : lay["d_in"]]
 
     def materialize(self) -> None:
-        self.dense = self.rows()
+        self.dense = self.rows().contiguous()
 
     def forward(self) -> torch.Tensor:
         return self.dense if self.dense is not None else self.rows()
@@ -101,7 +154,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.packed().to(x.dtype), self.bias)
+        weight = self.packed.dense
+        if weight is None:
+            # the shared workspace's view is consumed at once; autograd would keep it, so not then
+            keeps_graph = torch.is_grad_enabled() and x.requires_grad
+            weight = self.packed.rows(workspace=None if keeps_graph else self.packed.workspace)
+        return F.linear(x, weight.to(x.dtype), self.bias)
 
 
 class PackedEmbedding(nn.Module):
@@ -215,8 +273,10 @@ def load_packed(path: str | Path, verify: bool = True, dense: bool = False):
             f"{path / WEIGHTS_FILE} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(plain, strict=False)
-    if dense:
-        for weight in packed.values():
+    workspace = Workspace()
+    for weight in packed.values():
+        weight.workspace = workspace
+        if dense:
             weight.materialize()
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
