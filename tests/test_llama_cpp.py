@@ -9,7 +9,8 @@ Logits. llama.cpp runs the GGUF on ~200 tokens of held-out real text; the packed
 (the GGUF is written from the integer codes), so the logits differ only by how activations are
 rounded: llama.cpp quantizes every matmul input to Q8_0 (blocks of 32, fp16 scale; for Q4_0
 weights) or Q8_K (blocks of 256, f32 scale; for TQ1_0/TQ2_0 weights), and keeps K/V in its cache
-type (f32 here; its default f16 and q8_0 are measured too). Three references, all printed:
+type (f32 here; its default f16 and q8_0 are measured too). Three references, all printed
+(``edgerazor.export.agreement``; ``tools/llama_cpp_agreement.py`` runs the same on a trained run):
 
 * ``packed``: the runtime as trained (W1.88-A8-KV8: its own int8 rounding per token and per group
   of G inputs, K/V per 32). Our A8 groups (G = 256) are coarser than llama.cpp's Q8_0 blocks, so
@@ -34,25 +35,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import importlib.util
 import json
 import os
 import unicodedata
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import edgerazor
 from edgerazor.demo import DemoSettings, pack_blocks, prepare_demo, train_teacher, train_tokenizer
 from edgerazor.export import llama_cpp as lc
+from edgerazor.export.agreement import Agreement, compare
 from edgerazor.export.gguf import write_gguf
-from edgerazor.export.packed import export_packed
-from edgerazor.quant.kv import KVFakeQuant
-from edgerazor.quant.modules import ActivationFakeQuant
-from edgerazor.runtime.packed import PackedLinear
 from tests.conftest import SHARED, tiny_llama_config
 
 _BUILT = lc.find_llama_cpp()
@@ -92,84 +88,7 @@ RECIPES = {
 
 
 # ------------------------------------------------------------------------------------------------
-# llama.cpp's activation rounding, in torch
-
-
-class LlamaQ8_0(torch.nn.Module):
-    """``quantize_row_q8_0`` (x86): blocks of 32, codes ``round(x * 127 / amax)`` (half to even),
-    values ``code * fp16(amax / 127)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x.float().reshape(*x.shape[:-1], -1, 32)
-        amax = g.abs().amax(-1, keepdim=True)
-        codes = torch.round(g * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
-        return (codes * (amax / 127.0).half().float()).reshape(x.shape).to(x.dtype)
-
-
-class LlamaQ8_K(torch.nn.Module):
-    """``quantize_row_q8_K_ref``: blocks of 256, ``iscale = -127 / max`` with ``max`` the signed
-    element of largest magnitude, codes ``min(127, round(iscale * x))``, values ``code / iscale``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x.float().reshape(*x.shape[:-1], -1, 256)
-        signed_max = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True))
-        iscale = torch.where(signed_max != 0, -127.0 / signed_max, torch.zeros_like(signed_max))
-        codes = torch.round(iscale * g).clamp(max=127)
-        d = torch.where(signed_max != 0, 1.0 / iscale, torch.zeros_like(signed_max))
-        return (codes * d).reshape(x.shape).to(x.dtype)
-
-
-#: the activation type llama.cpp's CPU backend pairs with each weight type (``vec_dot_type``)
-LLAMA_ACTIVATION_ROUNDING = {"Q4_0": LlamaQ8_0, "Q8_0": LlamaQ8_0, "TQ1_0": LlamaQ8_K, "TQ2_0": LlamaQ8_K}
-
-
-def set_own_rounding(model: torch.nn.Module, enabled: bool) -> None:
-    """Switch the runtime's own A8 and KV8 fake quantization on or off."""
-    for module in model.modules():
-        if isinstance(module, (ActivationFakeQuant, KVFakeQuant)):
-            module.enabled = enabled
-
-
-def emulate_llama_cpp_rounding(runtime: torch.nn.Module, report) -> None:
-    """Round every matmul input as llama.cpp does for that tensor's GGUF type; K/V unrounded."""
-    set_own_rounding(runtime, False)
-    types = {t.source.removesuffix(".weight"): t.ggml_type for t in report.tensors}
-    embed = runtime.get_input_embeddings()
-    embed_name = next(name for name, m in runtime.named_modules() if m is embed)
-    for name, module in runtime.named_modules():
-        if isinstance(module, PackedLinear):
-            ggml_type = types.get(name) or types[embed_name]  # a tied lm_head is token_embd in the GGUF
-            module.input_quant = LLAMA_ACTIVATION_ROUNDING[ggml_type]()
-
-
-# ------------------------------------------------------------------------------------------------
-# comparison
-
-
-@dataclasses.dataclass
-class Diff:
-    max_abs: float
-    mean_abs: float
-    top1: float
-
-    @classmethod
-    def of(cls, got: np.ndarray, reference: np.ndarray) -> "Diff":
-        d = np.abs(got.astype(np.float64) - reference)
-        return cls(float(d.max()), float(d.mean()), float((got.argmax(-1) == reference.argmax(-1)).mean()))
-
-    def __str__(self) -> str:
-        return f"max|diff| {self.max_abs:.4f}  mean|diff| {self.mean_abs:.5f}  top-1 {self.top1:.2%}"
-
-
-@dataclasses.dataclass
-class Result:
-    report: object  # GGUFReport
-    own_rounding_effect: float  # max |packed(A8, KV8) - packed(A16, KV16)|
-    diffs: dict  # (kv cache type, reference) -> Diff
-
-    @property
-    def bound(self) -> float:
-        return 2.0 * self.own_rounding_effect + 0.02
+# comparison (edgerazor.export.agreement)
 
 
 @contextlib.contextmanager
@@ -184,31 +103,12 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def run_both(model, tokenizer, ids: list[int], out: Path, kv_types=("f32", "f16", "q8_0")) -> Result:
-    """Export ``model`` as GGUF and packed; llama.cpp vs the packed runtime (three references)."""
-    report = write_gguf(model, tokenizer, out / "model.gguf", quiet=True)
-    export_packed(model, tokenizer, out / "packed")
-    runtime, _ = edgerazor.load(out / "packed")
-    x = torch.tensor([ids])
-    with torch.no_grad(), one_torch_thread():
-        refs = {"packed": runtime(x).logits[0].double().numpy()}
-        set_own_rounding(runtime, False)
-        refs["A16"] = runtime(x).logits[0].double().numpy()
-        emulate_llama_cpp_rounding(runtime, report)
-        refs["emulated"] = runtime(x).logits[0].double().numpy()
-    result = Result(report, float(np.abs(refs["packed"] - refs["A16"]).max()), {})
-    types = "/".join(sorted({t.ggml_type for t in report.tensors if len(t.shape) == 2}))
-    print(f"\n[llama.cpp vs packed runtime] {out.name}: {types}, {len(ids)} tokens, logit std "
-          f"{refs['packed'].std():.2f}, own A8/KV8 effect {result.own_rounding_effect:.4f} -> bound {result.bound:.4f}")
-    for kv in kv_types:
-        got = lc.llama_cpp_logits(report.path, ids, kv_type=kv)
-        for name, reference in refs.items():
-            result.diffs[kv, name] = diff = Diff.of(got, reference)
-            print(f"  llama.cpp kv={kv:5s} vs {name:9s} {diff}")
-    return result
+def run_both(model, tokenizer, ids: list[int], out: Path, kv_types=("f32", "f16", "q8_0")) -> Agreement:
+    with one_torch_thread():
+        return compare(model, tokenizer, ids, out, kv_types)
 
 
-def check(result: Result) -> None:
+def check(result: Agreement) -> None:
     as_trained, a16, emulated = (result.diffs["f32", r] for r in ("packed", "A16", "emulated"))
     assert as_trained.max_abs <= result.bound, (as_trained, result.bound)
     assert as_trained.top1 >= TOP1_MIN_AS_TRAINED, as_trained
