@@ -261,11 +261,13 @@ def use_all_cores() -> int:
     return torch.get_num_threads()
 
 
-def teacher_config(settings: DemoSettings, tokenizer):
+def teacher_config(settings: DemoSettings, tokenizer, vocab_size: int | None = None):
+    """A tied-embedding ``Qwen3Config`` of ``settings``' shape (any settings object with DemoSettings'
+    shape fields and ``seq_len``); ``vocab_size`` defaults to ``settings.vocab_size``."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=settings.vocab_size,
+        vocab_size=settings.vocab_size if vocab_size is None else vocab_size,
         hidden_size=settings.hidden_size,
         intermediate_size=settings.intermediate_size,
         num_hidden_layers=settings.num_layers,
@@ -291,16 +293,21 @@ def _lr_factor(step: int, settings: DemoSettings) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def pretraining_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.95) with weight decay on matrices only, not on norms and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+
+
 def train_teacher(model, blocks: torch.Tensor, settings: DemoSettings, progress: bool = True) -> list[float]:
     """Pretrain ``model`` on ``blocks`` ([N, seq_len] long) with AdamW; returns the loss per step."""
     from tqdm.auto import tqdm
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.teacher_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.teacher_lr, betas=(0.9, 0.95),
-    )
+    optimizer = pretraining_optimizer(model, settings.teacher_lr, settings.teacher_weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(blocks), generator=generator)
@@ -330,12 +337,12 @@ def train_teacher(model, blocks: torch.Tensor, settings: DemoSettings, progress:
 # cache
 
 
-def default_cache_root() -> Path:
-    """``$EDGERAZOR_CACHE/demo``, else ``$XDG_CACHE_HOME/edgerazor/demo``, else ``~/.cache/edgerazor/demo``."""
+def default_cache_root(name: str = "demo") -> Path:
+    """``$EDGERAZOR_CACHE/<name>``, else ``$XDG_CACHE_HOME/edgerazor/<name>``, else ``~/.cache/edgerazor/<name>``."""
     if os.environ.get("EDGERAZOR_CACHE"):
-        return Path(os.environ["EDGERAZOR_CACHE"]).expanduser() / "demo"
+        return Path(os.environ["EDGERAZOR_CACHE"]).expanduser() / name
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "edgerazor" / "demo"
+    return Path(base).expanduser() / "edgerazor" / name
 
 
 def cache_key(settings: DemoSettings, corpus: Corpus) -> str:

@@ -81,6 +81,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from edgerazor.demo import blocks_dataset, default_cache_root, pretraining_optimizer, teacher_config
+from edgerazor.pipeline import gap_closure
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()
 CACHE_FORMAT = 1
@@ -229,33 +232,8 @@ def build_data(settings: TeacherSettings, data_dir: Path, out: Path) -> dict[str
     return stats
 
 
-def blocks_dataset(blocks: torch.Tensor):
-    import datasets
-
-    rows = blocks.tolist()
-    return datasets.Dataset.from_dict({"input_ids": rows, "labels": [list(r) for r in rows]})
-
-
 # --------------------------------------------------------------------------------------------
 # teacher
-
-
-def teacher_config(s: TeacherSettings, tokenizer):
-    from transformers import Qwen3Config
-
-    return Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
-        head_dim=s.head_dim, max_position_embeddings=s.seq_len, tie_word_embeddings=True, bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, architectures=["Qwen3ForCausalLM"],
-    )
-
-
-def cache_root() -> Path:
-    if os.environ.get("EDGERAZOR_CACHE"):
-        return Path(os.environ["EDGERAZOR_CACHE"]).expanduser() / "bench_quality"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "edgerazor" / "bench_quality"
 
 
 def teacher_key(settings: TeacherSettings, data_dir: Path) -> str:
@@ -291,13 +269,10 @@ def train_teacher(settings: TeacherSettings, work: Path, max_minutes: float) -> 
 
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     data = torch.load(work / "data.pt")
-    train_blocks, eval_ds = data["train"], blocks_dataset(data["eval"])
+    train_blocks, eval_ds = data["train"], blocks_dataset(data["eval"].tolist())
     torch.manual_seed(settings.seed)
-    model = Qwen3ForCausalLM(teacher_config(settings, tokenizer))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+    model = Qwen3ForCausalLM(teacher_config(settings, tokenizer, vocab_size=len(tokenizer)))
+    optimizer = pretraining_optimizer(model, settings.lr, settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     state: dict[str, Any] = {"step": 0, "lr": settings.lr, "best": math.inf, "best_step": 0, "bad": 0, "drops": 0,
                              "converged": False, "curve": [], "train_seconds": 0.0, "eval_seconds": 0.0,
@@ -491,11 +466,6 @@ def cell_recipe(bits: float, label: str, train: TrainSettings, head_dim: int):
                   "max_steps": train.steps, "per_device_batch_size": train.batch_size, "logging_steps": 10,
                   "save_steps": 10 ** 9, "seed": train.seed},
     }, source=f"bench_quality {bits:g} {label}")
-
-
-def closure(rtn: float, student: float, teacher: float) -> float:
-    gap = math.log(rtn) - math.log(teacher)
-    return (math.log(rtn) - math.log(student)) / gap if gap > 0 else float("nan")
 
 
 def load_student(teacher_dir: Path):
@@ -700,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else REPO / "runs" / "bench_quality" / ("quick" if quick else "")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir).resolve()
-    root = Path(args.cache_dir).expanduser() if args.cache_dir else (cache_root() / "quick" if quick else cache_root())
+    cache = default_cache_root("bench_quality")
+    root = Path(args.cache_dir).expanduser() if args.cache_dir else (cache / "quick" if quick else cache)
     wall = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -709,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
     teacher = load_student(assets.teacher_dir).eval()
-    train_ds, eval_ds = blocks_dataset(assets.train_blocks), blocks_dataset(assets.eval_blocks)
+    train_ds, eval_ds = blocks_dataset(assets.train_blocks.tolist()), blocks_dataset(assets.eval_blocks.tolist())
     teacher_ppl = float(assets.meta["teacher_ppl"])
     measured = _ppl(teacher, eval_ds)
     _log(f"teacher: held-out ppl {teacher_ppl:.2f} (re-measured {measured:.2f}); converged: {assets.meta['converged']}")
@@ -745,25 +716,25 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, path)
         results[(b, label)] = res
         _log(f"cell {b:g} {label}: ppl {res['ppl']:.2f}, closure "
-             f"{closure(rtn[(b, 'super_group')]['ppl'], res['ppl'], teacher_ppl):.1%}, {res['train_seconds']:.0f} s")
+             f"{gap_closure(teacher_ppl, rtn[(b, 'super_group')]['ppl'], res['ppl']):.1%}, {res['train_seconds']:.0f} s")
 
     for b in bits_needed:
         ref = rtn[(b, "super_group")]["ppl"]
         rows.append({"method": "RTN", "bits": b, "ppl": ref, "closure": 0.0, "seconds": rtn[(b, "super_group")]["seconds"]})
         if (b, "stacked") in rtn:
             r = rtn[(b, "stacked")]
-            rows.append({"method": "RTN (ST)", "bits": b, "ppl": r["ppl"], "closure": closure(ref, r["ppl"], teacher_ppl),
+            rows.append({"method": "RTN (ST)", "bits": b, "ppl": r["ppl"], "closure": gap_closure(teacher_ppl, ref, r["ppl"]),
                          "seconds": r["seconds"]})
         for (bb, label), res in results.items():
             if bb == b:
-                rows.append({"method": label, "bits": b, "ppl": res["ppl"], "closure": closure(ref, res["ppl"], teacher_ppl),
+                rows.append({"method": label, "bits": b, "ppl": res["ppl"], "closure": gap_closure(teacher_ppl, ref, res["ppl"]),
                              "seconds": res["train_seconds"] + res["eval_seconds"], "train_seconds": res["train_seconds"],
                              "steps": res["steps"], "curve": res.get("curve", []), "last_log": res.get("last_log", {})})
 
     target: dict[str, Any] = {"closure_min": TARGET_CLOSURE}
     main_cell, qat_cell = results.get((1.88, "SG+A+E")), results.get((1.88, "QAT-CE"))
     if main_cell is not None:
-        target["sg_a_e_1.88_closure"] = closure(rtn[(1.88, "super_group")]["ppl"], main_cell["ppl"], teacher_ppl)
+        target["sg_a_e_1.88_closure"] = gap_closure(teacher_ppl, rtn[(1.88, "super_group")]["ppl"], main_cell["ppl"])
         target["closure_met"] = target["sg_a_e_1.88_closure"] >= TARGET_CLOSURE
     if main_cell is not None and qat_cell is not None:
         target["beats_qat_ce"] = main_cell["ppl"] < qat_cell["ppl"]

@@ -41,11 +41,6 @@ def parse_settings(pairs: list[str]):
     return dataclasses.replace(DemoSettings(), **values)
 
 
-def closure(rtn: float, student: float, teacher: float) -> float:
-    gap = math.log(rtn) - math.log(teacher)
-    return (math.log(rtn) - math.log(student)) / gap if gap > 0 else float("nan")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(REPO / "configs" / "demo.yaml"))
@@ -65,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgerazor.demo import collate_blocks, prepare_demo
     from edgerazor.distill import distill
     from edgerazor.eval import perplexity
+    from edgerazor.pipeline import gap_closure
     from edgerazor.recipe import load_recipe
 
     progress = not args.no_progress
@@ -96,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_time[0] += time.perf_counter() - t0
                 curve.append((state.global_step, ppl))
                 print(f"  step {state.global_step}: student ppl {ppl:.2f} "
-                      f"(closure {closure(rtn_ppl, ppl, assets.teacher_ppl):.1%})", flush=True)
+                      f"(closure {gap_closure(assets.teacher_ppl, rtn_ppl, ppl):.1%})", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="edgerazor-demo-trial-") as tmp:
         out = Path(args.output_dir or tmp)
@@ -109,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         distill_seconds = time.perf_counter() - t - eval_time[0]
     student_ppl = perplexity(student, assets.eval_dataset, progress=progress)
     wall = time.perf_counter() - wall
-    close = closure(rtn_ppl, student_ppl, assets.teacher_ppl)
+    close = gap_closure(assets.teacher_ppl, rtn_ppl, student_ppl)
     logs = [h for h in trainer.state.log_history if "loss" in h]
 
     from rich.console import Console
