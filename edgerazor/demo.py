@@ -303,6 +303,16 @@ def pretraining_optimizer(model, lr: float, weight_decay: float) -> torch.optim.
     )
 
 
+def pretraining_step(model, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    """One causal-LM step on a batch of packed blocks (gradients clipped at 1.0); returns the loss."""
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def train_teacher(model, blocks: torch.Tensor, settings: DemoSettings, progress: bool = True) -> list[float]:
     """Pretrain ``model`` on ``blocks`` ([N, seq_len] long) with AdamW; returns the loss per step."""
     from tqdm.auto import tqdm
@@ -320,13 +330,8 @@ def train_teacher(model, blocks: torch.Tensor, settings: DemoSettings, progress:
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
         batch = blocks[order[cursor : cursor + settings.teacher_batch_size]]
         cursor += settings.teacher_batch_size
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        losses.append(pretraining_step(model, optimizer, batch))
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
         recent = losses[-20:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
     model.eval()

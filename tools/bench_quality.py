@@ -81,7 +81,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from edgerazor.demo import blocks_dataset, default_cache_root, pretraining_optimizer, teacher_config
+from edgerazor.demo import blocks_dataset, default_cache_root, pretraining_optimizer, pretraining_step, teacher_config
 from edgerazor.pipeline import gap_closure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,13 +318,8 @@ def train_teacher(settings: TeacherSettings, work: Path, max_minutes: float) -> 
         batch = train_blocks[state["order"][state["cursor"]: state["cursor"] + settings.batch_size]]
         state["cursor"] += settings.batch_size
         set_lr(state["step"])
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        state["losses"].append(pretraining_step(model, optimizer, batch))
         state["step"] += 1
-        state["losses"].append(float(loss.detach()))
         state["train_seconds"] += time.perf_counter() - t
         bar.update(1)
         recent = state["losses"][-20:]
