@@ -64,24 +64,30 @@ EXCLUDED_PREFIXES = ("config-", "_sysconfigdata")
 
 
 @dataclass(frozen=True)
-class DemoSettings:
-    """Everything that decides the demo's teacher; its hash names the cache directory."""
+class TeacherShape:
+    """A small Qwen3 teacher's shape (a real Qwen3 architecture; every input dim must be a multiple
+    of the student's group size) and the context it is trained for."""
 
-    # tokenizer and data
-    vocab_size: int = 4096
-    seq_len: int = 256
-    held_out: tuple[str, ...] = (
-        "argparse", "csv", "difflib", "fractions", "heapq", "json", "pprint", "shlex", "statistics", "textwrap",
-    )
-    train_chars: int | None = None  # cap on training source characters (None: all of the stdlib)
-    eval_blocks: int | None = 192  # evenly spaced held-out blocks kept for evaluation (None: all)
-    # model (a real Qwen3 architecture; every input dim must be a multiple of the student's group size)
     hidden_size: int = 256
     intermediate_size: int = 768
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 64
+    seq_len: int = 256
+
+
+@dataclass(frozen=True)
+class DemoSettings(TeacherShape):
+    """Everything that decides the demo's teacher; its hash names the cache directory."""
+
+    # tokenizer and data
+    vocab_size: int = 4096
+    held_out: tuple[str, ...] = (
+        "argparse", "csv", "difflib", "fractions", "heapq", "json", "pprint", "shlex", "statistics", "textwrap",
+    )
+    train_chars: int | None = None  # cap on training source characters (None: all of the stdlib)
+    eval_blocks: int | None = 192  # evenly spaced held-out blocks kept for evaluation (None: all)
     # teacher pretraining (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
     teacher_steps: int = 1000
     teacher_lr: float = 2e-3
@@ -261,9 +267,8 @@ def use_all_cores() -> int:
     return torch.get_num_threads()
 
 
-def teacher_config(settings: DemoSettings, tokenizer, vocab_size: int | None = None):
-    """A tied-embedding ``Qwen3Config`` of ``settings``' shape (any settings object with DemoSettings'
-    shape fields and ``seq_len``); ``vocab_size`` defaults to ``settings.vocab_size``."""
+def teacher_config(settings: TeacherShape, tokenizer, vocab_size: int | None = None):
+    """A tied-embedding ``Qwen3Config`` of ``settings``' shape; ``vocab_size`` defaults to ``settings.vocab_size``."""
     from transformers import Qwen3Config
 
     return Qwen3Config(

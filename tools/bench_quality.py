@@ -81,7 +81,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from edgerazor.demo import blocks_dataset, default_cache_root, pretraining_optimizer, pretraining_step, teacher_config
+from edgerazor.demo import (
+    TeacherShape, blocks_dataset, default_cache_root, pretraining_optimizer, pretraining_step, teacher_config,
+)
 from edgerazor.pipeline import gap_closure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,23 +96,16 @@ TARGET_CLOSURE = 0.80
 
 
 @dataclass(frozen=True)
-class TeacherSettings:
-    """Everything that decides the teacher (its hash names the cache directory)."""
+class TeacherSettings(TeacherShape):
+    """Everything that decides the teacher (its hash names the cache directory); the shape's input
+    dims must be multiples of the quantizer's group size (256)."""
 
     # data
     vocab_size: int = 4096
-    seq_len: int = 256
     heldout_articles: int = 12
     eval_blocks: int = 128
     gsm8k_chars: int = 0
     shakespeare: bool = True
-    # model: every linear input dim must be a multiple of the quantizer's group size (256)
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 64
     # optimisation and convergence
     lr: float = 2e-3
     batch_size: int = 16
