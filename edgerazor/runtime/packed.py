@@ -122,8 +122,9 @@ class PackedWeight(nn.Module):
                 continue
             if index is not None:
                 packed = packed[self.part_row[index[rows]]]
-            unpacked = unpack_codes(packed, lay[f"codec_{part}"], width,
-                                    out=buffer(f"unpack_{part}", packed.numel() * CODECS[lay[f"codec_{part}"]][0], torch.int8))
+            codec = lay[f"codec_{part}"]
+            # one unpack buffer serves both parts: the first is scattered into ``codes`` before the second
+            unpacked = unpack_codes(packed, codec, width, out=buffer("unpack", packed.numel() * CODECS[codec][0], torch.int8))
             if packed.shape[0] == n_rows:  # a pure tensor: no scatter
                 codes = unpacked
                 break
