@@ -3,7 +3,8 @@
 from edgerazor.errors import EdgeRazorError, PluginError, QuantizationError, RecipeError
 from edgerazor.hookspecs import hookimpl
 from edgerazor.quant import count_bits, quantize, set_kv_quant_enabled
-from edgerazor.quant.serialize import load, load_quantized
+from edgerazor.quant.checkpoint import load_quantized
+from edgerazor.runtime.loading import load
 from edgerazor.recipe import Recipe, load_recipe
 
 __all__ = [

@@ -8,10 +8,10 @@ Adapters are plugins (``register_adapters``); the built-ins live in ``edgerazor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from edgerazor.errors import PluginError
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -28,25 +28,10 @@ class ModelAdapter:
     def decoder_linear_names(self, model: nn.Module) -> list[str]:
         from fnmatch import fnmatchcase
 
+        from torch import nn
+
         return [
             name
             for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and any(fnmatchcase(name, p) for p in self.decoder_patterns)
         ]
-
-
-def resolve_adapter(model_type: str, name: str | None = None) -> ModelAdapter:
-    """The adapter called ``name``, or the one that serves ``model_type``."""
-    from edgerazor.plugin_manager import get_plugins
-
-    registry = get_plugins().registry("adapters")
-    if name is not None:
-        return registry.get(name)
-    for adapter_name in registry.names():
-        adapter = registry.get(adapter_name)
-        if adapter.matches(model_type):
-            return adapter
-    raise PluginError(
-        f"no model adapter serves model_type {model_type!r}; available adapters: "
-        + ", ".join(f"{n} ({', '.join(registry.get(n).model_types)})" for n in registry.names())
-    )

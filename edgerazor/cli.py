@@ -14,7 +14,7 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgerazor.models import build_model, load_config
+    from edgerazor.shapes import build_model, load_config
     from edgerazor.quant import count_bits, quantize
     from edgerazor.recipe import load_recipe
 
@@ -73,7 +73,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgerazor.pipeline import run_command
+    from edgerazor.run import run_command
 
     run_command(args.recipe, args.teacher, args.adapter, list(args.set or []), args.output, args.resume)
     return 0

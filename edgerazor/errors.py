@@ -15,3 +15,7 @@ class RecipeError(EdgeRazorError):
 
 class QuantizationError(EdgeRazorError):
     """A model cannot be quantized as the recipe asks (e.g. a group size that does not divide a layer)."""
+
+
+class DataError(EdgeRazorError):
+    """A data source cannot be turned into training rows; the message names the source and field."""

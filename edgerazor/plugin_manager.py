@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pluggy
 
 from edgerazor import hookspecs
+from edgerazor.adapters import ModelAdapter
 from edgerazor.errors import PluginError
 
 ENTRY_POINT_GROUP = "edgerazor"
@@ -72,8 +73,6 @@ def _check_callable(n: int, var_kw: bool, signature: str) -> Callable[[Any], str
 
 
 def _check_adapter(obj: Any) -> str | None:
-    from edgerazor.adapters import ModelAdapter
-
     return None if isinstance(obj, ModelAdapter) else "expected an edgerazor.adapters.ModelAdapter"
 
 
@@ -283,3 +282,18 @@ def reload_plugins() -> PluginSystem:
 def get(kind: str, name: str) -> Any:
     """Look up ``name`` in registry ``kind`` ("quantizers", "allocations", ...)."""
     return get_plugins().get(kind, name)
+
+
+def resolve_adapter(model_type: str, name: str | None = None) -> ModelAdapter:
+    """The adapter called ``name``, or the one that serves ``model_type``."""
+    registry = get_plugins().registry("adapters")
+    if name is not None:
+        return registry.get(name)
+    for adapter_name in registry.names():
+        adapter = registry.get(adapter_name)
+        if adapter.matches(model_type):
+            return adapter
+    raise PluginError(
+        f"no model adapter serves model_type {model_type!r}; available adapters: "
+        + ", ".join(f"{n} ({', '.join(registry.get(n).model_types)})" for n in registry.names())
+    )

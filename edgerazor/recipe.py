@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgerazor.errors import RecipeError
-from edgerazor.data.schema import DataSection
-from edgerazor.sections import Section
 
 #: Paper bit-widths counted the paper's way: effective bits = rho * 4 + (1 - rho) * 1.58.
 TERNARY_BITS, HIGH_BITS = 1.58, 4.0
@@ -35,6 +33,17 @@ def rho_for_bits(bits: float) -> float:
             "reachable: 4, 2.79, 2.39, 2.19, 2.06, 1.98, 1.93, 1.88, ..."
         )
     return 1.0 / period
+
+
+class Section(BaseModel):
+    """The base of every recipe section: frozen, and unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def nominal_weight_bits(rho: float) -> float:
+    """The paper's label: ``rho * 4 + (1 - rho) * 1.58`` rounded to 2 decimals (1/8 -> 1.88)."""
+    return round(rho * HIGH_BITS + (1 - rho) * TERNARY_BITS, 2)
 
 
 class WeightQuant(Section):
@@ -110,10 +119,48 @@ class QuantSection(Section):
 
     @property
     def w_a_kv(self) -> str:
-        from edgerazor.quant.bits import nominal_weight_bits
-
         w = nominal_weight_bits(self.weight.rho)
         return f"{w:g}-{self.activation.bits}-{self.kv_cache.bits}"
+
+
+class DataSource(Section):
+    """One dataset in the mixture: a local file or directory, or a Hugging Face hub dataset id."""
+
+    path: str = Field(description="a .json/.jsonl/.parquet/.txt file or a directory of them, or a hub dataset id")
+    name: str | None = Field(None, description="hub dataset config name")
+    split: str = Field("train", description="hub split (slicing allowed, e.g. 'train[:10%]'); local files are 'train'")
+    format: Literal["text", "prompt_response", "chat"] = "text"
+    ratio: float = Field(1.0, gt=0.0, description="relative weight of this source in the mixture")
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    prompt_separator: str = Field(
+        "", description="prompt_response: text placed between prompt and response (part of the prompt, no loss)"
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="cap on rows taken from this source: records, or packed blocks for 'text'"
+    )
+
+    def describe(self, index: int | None = None) -> str:
+        """``data.sources[1] ('gsm8k/train.jsonl')``: how error messages name this source."""
+        where = f"data.sources[{index}]" if index is not None else "data source"
+        config = f", name={self.name!r}" if self.name else ""
+        return f"{where} ({self.path!r}{config})"
+
+
+class DataSection(Section):
+    """Training data: a seeded mixture of sources, tokenized with response-only loss masks."""
+
+    sources: list[DataSource] = Field(default_factory=list)
+    max_length: int = Field(1024, gt=1, description="tokens per row: truncation, and the block size for text")
+    strip_think: bool = Field(False, description="drop <think>...</think> blocks from responses / assistant turns")
+    response_only: bool = Field(True, description="loss only on responses / assistant turns (text is all response)")
+    num_samples: int | None = Field(
+        None, gt=0, description="rows in the mixture; default: as many as the ratios allow without repeating"
+    )
+    seed: int = 0
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of rows held out for evaluation")
 
 
 class ModelSection(Section):

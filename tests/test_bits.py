@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgerazor.cli import main
-from edgerazor.models import build_model, load_config
+from edgerazor.shapes import build_model, load_config
 from edgerazor.quant import count_bits, quantize
 
 # Paper Tables 18-19: compression ratio at 4 / 2.79 / 1.88 / 1.58 bits (G=256, embedding and

@@ -10,7 +10,7 @@ Logits. llama.cpp runs the GGUF on ~200 tokens of held-out real text; the packed
 rounded: llama.cpp quantizes every matmul input to Q8_0 (blocks of 32, fp16 scale; for Q4_0
 weights) or Q8_K (blocks of 256, f32 scale; for TQ1_0/TQ2_0 weights), and keeps K/V in its cache
 type (f32 here; its default f16 and q8_0 are measured too). Three references, all printed
-(``edgerazor.export.agreement``; ``tools/llama_cpp_agreement.py`` runs the same on a trained run):
+(``edgerazor.llama_cpp.agreement``; ``tools/llama_cpp_agreement.py`` runs the same on a trained run):
 
 * ``packed``: the runtime as trained (W1.88-A8-KV8: its own int8 rounding per token and per group
   of G inputs, K/V per 32). Our A8 groups (G = 256) are coarser than llama.cpp's Q8_0 blocks, so
@@ -46,8 +46,9 @@ import torch
 
 import edgerazor
 from edgerazor.demo import DemoSettings, pack_blocks, prepare_demo, train_teacher, train_tokenizer
-from edgerazor.export import llama_cpp as lc
-from edgerazor.export.agreement import Agreement, compare
+from edgerazor import llama_cpp as lc
+from edgerazor.llama_cpp import build as lc_build
+from edgerazor.llama_cpp.agreement import Agreement, compare
 from edgerazor.export.gguf import write_gguf
 from tests.conftest import SHARED, tiny_llama_config
 
@@ -88,7 +89,7 @@ RECIPES = {
 
 
 # ------------------------------------------------------------------------------------------------
-# comparison (edgerazor.export.agreement)
+# comparison (edgerazor.llama_cpp.agreement)
 
 
 @contextlib.contextmanager
@@ -279,13 +280,13 @@ def test_llama_mobilellm_logits_match_packed_runtime(shakespeare_llama, tmp_path
 
 
 def fake_entry(root: Path, targets: tuple[str, ...], listed: tuple[str, ...] | None = None) -> Path:
-    key, ident = lc._cache_key(lc.LLAMA_CPP_PYTHON_VERSION, False)
+    key, ident = lc_build._cache_key(lc.LLAMA_CPP_PYTHON_VERSION, False)
     bin_dir = root / key / "bin"
     bin_dir.mkdir(parents=True)
     for lib in ("llama", "ggml", "ggml-base", "ggml-cpu"):
-        (bin_dir / lc._shared_lib_name(lib)).write_bytes(b"")
+        (bin_dir / lc_build._shared_lib_name(lib)).write_bytes(b"")
     for target in targets:
-        (bin_dir / lc._exe_name(target)).write_bytes(b"")
+        (bin_dir / lc_build._exe_name(target)).write_bytes(b"")
     manifest = {**ident, "targets": list(targets if listed is None else listed)}
     (root / key / "manifest.json").write_text(json.dumps(manifest))
     return root / key
@@ -300,7 +301,7 @@ def test_cache_entries_are_found_without_building(tmp_path, monkeypatch):
     entry_dir = fake_entry(tmp_path, ("llama-bench", "llama-quantize"))
     found = lc.find_llama_cpp(("llama-bench",), cache_dir=tmp_path)
     assert found is not None and found.root == entry_dir and found.lib_dir == entry_dir / "bin"
-    assert found.llama_bench == entry_dir / "bin" / lc._exe_name("llama-bench")
+    assert found.llama_bench == entry_dir / "bin" / lc_build._exe_name("llama-bench")
     assert lc.ensure_llama_cpp(tmp_path, targets=("llama-quantize",)) == found
     assert lc.find_llama_cpp(("llama-cli",), cache_dir=tmp_path) is None  # a missing target: not this entry
     with pytest.raises(lc.LlamaCppError, match="llama-cli was not built"):
@@ -314,15 +315,15 @@ def test_cache_entries_are_found_without_building(tmp_path, monkeypatch):
 def test_an_entry_without_its_libraries_or_binaries_is_not_a_build(tmp_path):
     entry_dir = fake_entry(tmp_path, ("llama-bench",), listed=("llama-bench", "llama-quantize"))
     assert lc.find_llama_cpp(("llama-quantize",), cache_dir=tmp_path) is None  # listed, but no file
-    (entry_dir / "bin" / lc._shared_lib_name("ggml-cpu")).unlink()
+    (entry_dir / "bin" / lc_build._shared_lib_name("ggml-cpu")).unlink()
     assert lc.find_llama_cpp(cache_dir=tmp_path) is None
 
 
 def test_the_default_build_is_portable_and_keyed_by_its_options():
-    args = lc._cmake_args(native=False)
+    args = lc_build._cmake_args(native=False)
     assert "-DGGML_NATIVE=OFF" in args and "-DBUILD_SHARED_LIBS=ON" in args and "-DLLAMA_CURL=OFF" in args
-    assert "-DGGML_NATIVE=ON" in lc._cmake_args(native=True)
-    portable, _ = lc._cache_key("0.3.36", False)
-    native, ident = lc._cache_key("0.3.36", True)
+    assert "-DGGML_NATIVE=ON" in lc_build._cmake_args(native=True)
+    portable, _ = lc_build._cache_key("0.3.36", False)
+    native, ident = lc_build._cache_key("0.3.36", True)
     assert portable != native and "cpu_flags" in ident
-    assert portable.startswith("0.3.36-") and lc._cache_key("0.3.35", False)[0] != portable
+    assert portable.startswith("0.3.36-") and lc_build._cache_key("0.3.35", False)[0] != portable

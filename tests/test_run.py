@@ -12,7 +12,7 @@ from transformers import Qwen3ForCausalLM
 import edgerazor
 from edgerazor.cli import main
 from edgerazor.eval.perplexity import perplexity
-from edgerazor.pipeline import builtin_recipe, gap_closure
+from edgerazor.run import builtin_recipe, gap_closure
 from edgerazor.quant import QuantLinear
 from edgerazor.recipe import load_recipe
 from tests.conftest import tiny_qwen3_config

@@ -67,7 +67,7 @@ def build_base(args):
     import torch
     from transformers import AutoConfig
 
-    from edgerazor.models import build_model
+    from edgerazor.shapes import build_model
 
     data = json.loads(args.model_config.read_text())
     if args.quick:
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.prompt, args.gen, args.reps, args.torch_tokens = 16, 8, 1, 4
     sys.path.insert(0, str(REPO))
-    from edgerazor.export.llama_cpp import ensure_llama_cpp
+    from edgerazor.llama_cpp import ensure_llama_cpp
 
     args.out.mkdir(parents=True, exist_ok=True)
     llama = ensure_llama_cpp(targets=("llama-bench", "llama-quantize"))

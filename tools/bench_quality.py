@@ -84,7 +84,7 @@ import torch
 from edgerazor.demo import (
     TeacherShape, blocks_dataset, default_cache_root, pretraining_optimizer, pretraining_step, teacher_config,
 )
-from edgerazor.pipeline import gap_closure
+from edgerazor.run import gap_closure
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()

@@ -4,7 +4,7 @@
     python tools/build_llama_cpp.py --jobs 8 --target llama-cli
     python tools/build_llama_cpp.py --check         # exit 0 if built (and bindings installed), 1 if not
 
-llama.cpp comes from the pinned llama-cpp-python sdist on PyPI (see ``edgerazor/export/llama_cpp.py``)
+llama.cpp comes from the pinned llama-cpp-python sdist on PyPI (see ``edgerazor/llama_cpp/build.py``)
 and is cached under ``~/.cache/edgerazor/llama.cpp/<version>-<hash>`` (``$EDGERAZOR_LLAMA_CPP_DIR``
 replaces ``~/.cache/edgerazor/llama.cpp``): keep that directory across CI runs and this takes
 seconds; a cold build takes ~10-20 minutes on 2 cores. The ``llama_cpp`` Python package is then
@@ -24,7 +24,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgerazor.export import llama_cpp as lc
+    from edgerazor import llama_cpp as lc
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=None, help="cache root (default: $EDGERAZOR_LLAMA_CPP_DIR or ~/.cache/edgerazor/llama.cpp)")

@@ -6,7 +6,7 @@
 Exports the student (a run directory or a student directory) as GGUF and packed, runs llama.cpp
 (built by tools/build_llama_cpp.py) on windows of held-out tokens and compares its logits with
 the packed runtime as trained, without its own A8/KV8 rounding, and rounding activations exactly as
-llama.cpp does (``edgerazor.export.agreement``), for llama.cpp's f32 and default f16 KV caches.
+llama.cpp does (``edgerazor.llama_cpp.agreement``), for llama.cpp's f32 and default f16 KV caches.
 Prints a table; writes JSON.
 """
 
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     import edgerazor
-    from edgerazor.export.agreement import compare
-    from edgerazor.export.llama_cpp import ensure_llama_cpp
+    from edgerazor.llama_cpp.agreement import compare
+    from edgerazor.llama_cpp import ensure_llama_cpp
 
     ensure_llama_cpp()
     student = args.run / "student" if (args.run / "student" / "config.json").is_file() else args.run

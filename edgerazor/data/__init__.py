@@ -4,10 +4,9 @@
 bad one before any tokenization), format each into ``input_ids`` / ``labels`` rows, then draw the
 mixture by ratio. ``DistillCollator`` pads those rows into batches.
 
-Modules: ``schema`` (the recipe section, ``DataError``), ``sources`` (loading, mixture, eval
-split), ``formatting`` (tokenization, masks, packing, collator). The heavy ones (``datasets``,
-``torch``) are imported on first use, so ``edgerazor.recipe`` can import ``edgerazor.data.schema``
-cheaply.
+Modules: ``sources`` (loading, mixture, eval split), ``formatting`` (tokenization, masks,
+packing, collator); the recipe's ``data`` section lives in ``edgerazor.recipe``. The heavy ones
+(``datasets``, ``torch``) are imported on first use.
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from edgerazor.data.schema import DataError, DataSection, DataSource
+from edgerazor.errors import DataError
+from edgerazor.recipe import DataSection, DataSource
 
 if TYPE_CHECKING:
     import datasets

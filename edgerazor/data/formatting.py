@@ -18,7 +18,8 @@ from typing import Any
 import datasets
 import torch
 
-from edgerazor.data.schema import DataError, DataSection, DataSource
+from edgerazor.errors import DataError
+from edgerazor.recipe import DataSection, DataSource
 
 log = logging.getLogger(__name__)
 

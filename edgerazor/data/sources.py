@@ -15,7 +15,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from edgerazor.data.schema import DataError, DataSection, DataSource
+from edgerazor.errors import DataError
+from edgerazor.recipe import DataSection, DataSource
 
 log = logging.getLogger(__name__)
 

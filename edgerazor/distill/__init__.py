@@ -1,6 +1,5 @@
 """Distillation: chunked divergences, LAFD features, the objective and the Trainer."""
 
-from edgerazor.distill.trainer import DistillationTrainer, latest_checkpoint
-from edgerazor.distill.training import distill, training_arguments
+from edgerazor.distill.trainer import DistillationTrainer, distill, latest_checkpoint, training_arguments
 
 __all__ = ["DistillationTrainer", "distill", "latest_checkpoint", "training_arguments"]

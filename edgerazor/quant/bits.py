@@ -12,14 +12,8 @@ from torch import nn
 
 from edgerazor.plugin_manager import get_plugins
 from edgerazor.quant.modules import QuantEmbedding, QuantLinear
-from edgerazor.recipe import HIGH_BITS, TERNARY_BITS
 
 SCALE_BITS = 16
-
-
-def nominal_weight_bits(rho: float) -> float:
-    """The paper's label: ``rho * 4 + (1 - rho) * 1.58`` rounded to 2 decimals (1/8 -> 1.88)."""
-    return round(rho * HIGH_BITS + (1 - rho) * TERNARY_BITS, 2)
 
 
 @dataclass

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgerazor.adapters import ModelAdapter, resolve_adapter
+from edgerazor.adapters import ModelAdapter
 from edgerazor.errors import PluginError, QuantizationError
-from edgerazor.plugin_manager import get_plugins
+from edgerazor.plugin_manager import get_plugins, resolve_adapter
 from edgerazor.quant.kv import KVFakeQuant, wrap_attention_implementation
 from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
 from edgerazor.recipe import Recipe, TableQuant, load_recipe, recipe_from_dict

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 from edgerazor.errors import EdgeRazorError
 from edgerazor.export import pack
 from edgerazor.export.packed import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILES, WEIGHTS_FILE
-from edgerazor.models import build_model
+from edgerazor.shapes import build_model
 from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding, QuantLinear
 
 #: codec of ``edgerazor.export.pack`` -> (codes per byte, offset of the stored unsigned field)

@@ -104,15 +104,15 @@ class Agreement:
 def compare(model, tokenizer, ids: Sequence[int], out: str | Path, kv_types=("f32", "f16", "q8_0"),
             verbose: bool = True) -> Agreement:
     """Export ``model`` as GGUF and packed under ``out``; llama.cpp vs the packed runtime on ``ids``."""
-    import edgerazor
-    from edgerazor.export import llama_cpp as lc
     from edgerazor.export.gguf import write_gguf
     from edgerazor.export.packed import export_packed
+    from edgerazor.llama_cpp.bindings import llama_cpp_logits
+    from edgerazor.runtime.loading import load
 
     out = Path(out)
     report = write_gguf(model, tokenizer, out / "model.gguf", quiet=True)
     export_packed(model, tokenizer, out / "packed")
-    runtime, _ = edgerazor.load(out / "packed")
+    runtime, _ = load(out / "packed")
     x = torch.tensor([list(ids)])
     with torch.no_grad():
         refs = {"packed": runtime(x).logits[0].double().numpy()}
@@ -126,7 +126,7 @@ def compare(model, tokenizer, ids: Sequence[int], out: str | Path, kv_types=("f3
         print(f"[llama.cpp vs packed runtime] {out.name}: {types}, {len(ids)} tokens, logit std "
               f"{refs['packed'].std():.2f}, own A8/KV8 effect {result.own_rounding_effect:.4f} -> bound {result.bound:.4f}")
     for kv in kv_types:
-        got = lc.llama_cpp_logits(report.path, list(ids), kv_type=kv)
+        got = llama_cpp_logits(report.path, list(ids), kv_type=kv)
         for name, reference in refs.items():
             result.diffs[kv, name] = diff = Diff.of(got, reference)
             if verbose:

@@ -17,7 +17,7 @@ from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from edgerazor.errors import EdgeRazorError
-from edgerazor.models import model_class
+from edgerazor.shapes import model_class
 from edgerazor.quant.modules import WeightFakeQuant
 from edgerazor.quant.surgery import FORMAT_VERSION, quantize
 from edgerazor.recipe import recipe_from_dict
@@ -92,22 +92,3 @@ def load_quantized(path: str | Path, **from_pretrained_kwargs):
     quantize(model, recipe, adapter=meta.get("adapter"))
     apply_masks(model, read_masks(path), str(path))
     return model
-
-
-def load(path: str | Path, dense: bool = False, **from_pretrained_kwargs):
-    """``(model, tokenizer)`` from a quantized checkpoint or a packed export.
-
-    A checkpoint (``save_pretrained`` of a quantized model, ``edgerazor run``'s ``student/``) loads
-    as a fake-quant model; a packed export loads as a model computing from the packed codes
-    (``dense=True``: dequantized once at load, faster, float32 memory). The tokenizer is None when
-    none was saved beside a checkpoint.
-    """
-    from transformers import AutoTokenizer
-
-    from edgerazor.runtime.packed import is_packed, load_packed
-
-    if is_packed(path):
-        return load_packed(path, dense=dense)
-    model = load_quantized(path, **from_pretrained_kwargs)
-    has_tokenizer = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None

@@ -1,0 +1,266 @@
+"""Planning every tensor of a quantized model as a GGML type (from the codes) and writing the GGUF file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgerazor.errors import EdgeRazorError
+from edgerazor.export.gguf.architecture import ARCHS, write_hparams, llama_permute
+from edgerazor.export.gguf.blocks import BLOCKS, CODE_RANGE, bits_per_weight, encode
+from edgerazor.export.gguf.report import GGUFReport, GGUFTensor, gguf_module
+from edgerazor.export.gguf.vocabulary import write_tokenizer, detect_pre_tokenizer, normalizer_note
+from edgerazor.quant.grouping import dequantize
+from edgerazor.quant.modules import WeightFakeQuant
+
+REQUESTED_TYPES = ("auto", "tq1_0", "tq2_0", "q4_0")
+
+
+def _row_kinds(wq: WeightFakeQuant) -> tuple[list[int], float]:
+    """(qmax of every quantizer used by some row, mean storage bits over rows)."""
+    mask = wq.precision_mask.cpu()
+    n_high = int(mask.sum())
+    n_low = mask.numel() - n_high
+    qmaxes, bits = [], 0.0
+    if n_high or wq.low is None:
+        qmaxes.append(int(wq.high.qmax))
+        bits += n_high * float(wq.high.bits)
+    if n_low and wq.low is not None:
+        qmaxes.append(int(wq.low.qmax))
+        bits += n_low * float(wq.low.bits)
+    return qmaxes, bits / max(mask.numel(), 1)
+
+
+def _fits(ggml_type: str, qmaxes: list[int], group: int, d_in: int) -> bool:
+    lo, hi = CODE_RANGE[ggml_type]
+    block = BLOCKS[ggml_type][0]
+    return max(qmaxes) <= min(hi, -lo) and group % block == 0 and d_in % block == 0
+
+
+def _choose_type(qmaxes: list[int], group: int, d_in: int, requested: str) -> tuple[str, str | None, str]:
+    """(ggml type to write, reason it is a fallback or None, the ideal type)."""
+    tq = "TQ1_0" if requested == "tq1_0" else "TQ2_0"
+    if set(qmaxes) == {1}:
+        ideal = "Q4_0" if requested == "q4_0" else tq
+    elif len(set(qmaxes)) == 1 and qmaxes[0] <= 7:
+        ideal = "Q4_0"
+    elif len(set(qmaxes)) == 1 and qmaxes[0] <= 127:
+        ideal = "Q8_0"
+    else:
+        ideal = None
+    if ideal is not None and _fits(ideal, qmaxes, group, d_in):
+        return ideal, None, ideal
+    if ideal is None:
+        kinds = " and ".join("ternary" if q == 1 else f"{q.bit_length() + 1}-bit" for q in sorted(qmaxes))
+        reason = f"mixes precisions across rows ({kinds}), which no single ggml type stores at its own size"
+    else:
+        block = BLOCKS[ideal][0]
+        reason = (f"is not exact in {ideal}: {ideal} needs the group size (G={group}) and row length "
+                  f"({d_in}) to be multiples of {block}")
+    for fallback in ("Q4_0", "Q8_0"):
+        if _fits(fallback, qmaxes, group, d_in):
+            return fallback, reason, ideal or "per-row"
+    return "F32", reason, ideal or "per-row"
+
+
+@dataclass
+class _Planned:
+    name: str
+    source: str
+    ggml_type: str
+    data: np.ndarray  # bytes (quantized) or float32 values
+    shape: tuple[int, ...]
+    theoretical: float | None
+    fallback: bool = False
+
+
+def _quantized_tensor(
+    gguf_name: str, source: str, weight: torch.Tensor, wq: WeightFakeQuant, requested: str,
+    strict: bool, permute_heads: int | None, notes: list[str],
+) -> _Planned:
+    codes_t, scales_t = wq.codes_and_scales(weight)
+    qmaxes, row_bits = _row_kinds(wq)
+    theoretical = row_bits + 16.0 / wq.group_size
+    ggml_type, reason, _ = _choose_type(qmaxes, wq.group_size, wq.d_in, requested)
+    shape = (codes_t.shape[0], wq.d_in)
+    if reason is not None:
+        bpw = bits_per_weight(ggml_type)
+        message = (
+            f"{gguf_name} ({source}, {wq.names[0]}/{wq.names[1] or '-'}, G={wq.group_size}) {reason}; "
+            f"written losslessly as {ggml_type} at {bpw:.3f} bits/weight vs {theoretical:.3f} theoretical "
+            f"({bpw / theoretical:.2f}x the size)"
+        )
+        if strict:
+            raise EdgeRazorError(f"strict GGUF export refuses tensor {gguf_name!r}: {message}")
+        notes.append(message)
+    if ggml_type == "F32":  # the dequantized weights themselves (float32 holds s * q exactly)
+        values = dequantize(codes_t, scales_t, wq.group_size).cpu().numpy()[:, : wq.d_in]
+        if permute_heads:
+            values = llama_permute(values, permute_heads)
+        return _Planned(gguf_name, source, "F32", np.ascontiguousarray(values, dtype=np.float32), shape,
+                        theoretical, fallback=reason is not None)
+    codes = codes_t.cpu().numpy()[:, : wq.d_in]
+    scales = scales_t.cpu().numpy().astype(np.float32)
+    if permute_heads:  # rows move with their codes and scales: still exact
+        codes, scales = llama_permute(codes, permute_heads), llama_permute(scales, permute_heads)
+    return _Planned(gguf_name, source, ggml_type, encode(ggml_type, codes, scales, wq.group_size), shape,
+                    theoretical, fallback=reason is not None)
+
+
+def _owner(model: nn.Module, param_name: str) -> tuple[str, nn.Module]:
+    module_name = param_name.rpartition(".")[0]
+    return module_name, model.get_submodule(module_name)
+
+
+#: float types for weight matrices the recipe left unquantized (norms and other vectors stay F32)
+FLOAT_TYPES = ("f32", "f16", "bf16")
+
+
+def _float_tensor(values: np.ndarray, float_type: str) -> tuple[str, np.ndarray]:
+    gguf = gguf_module()
+    if float_type == "f16":
+        return "F16", values.astype(np.float16)
+    if float_type == "bf16":
+        return "BF16", gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
+    return "F32", np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _plan_tensors(model: nn.Module, arch: str, requested: str, strict: bool, notes: list[str],
+                  float_type: str = "f32") -> list[_Planned]:
+    gguf = gguf_module()
+    config = model.config
+    n_layers = int(config.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    planned: list[_Planned] = []
+    seen: set[int] = set()
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue  # a tied lm_head: llama.cpp reuses token_embd when "output" is absent
+        seen.add(id(param))
+        gguf_name = tmap.get_name(param_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise EdgeRazorError(
+                f"parameter {param_name!r} has no llama.cpp {arch} tensor name; refusing to drop it silently"
+            )
+        if tied and gguf_name.startswith("output."):
+            continue
+        module_name, module = _owner(model, param_name)
+        permute = None
+        if arch == "llama":
+            if module_name.endswith("self_attn.q_proj"):
+                permute = n_head
+            elif module_name.endswith("self_attn.k_proj"):
+                permute = n_kv
+        wq = getattr(module, "weight_quant", None)
+        if param_name.endswith(".weight") and isinstance(wq, WeightFakeQuant):
+            planned.append(_quantized_tensor(gguf_name, param_name, param, wq, requested, strict, permute, notes))
+            continue
+        values = param.detach().float().cpu().numpy()
+        if permute:
+            values = llama_permute(values, permute)
+        ggml_type, data = "F32", np.ascontiguousarray(values, dtype=np.float32)
+        if values.ndim == 2:
+            ggml_type, data = _float_tensor(values, float_type)
+            notes.append(f"{gguf_name} ({param_name}) is not quantized by the recipe: written as {ggml_type}")
+        planned.append(_Planned(gguf_name, param_name, ggml_type, data, tuple(values.shape), None))
+    if not tied and head is not None and not any(p.name.startswith("output.") for p in planned):
+        raise EdgeRazorError("untied lm_head was not exported (no 'output' tensor); refusing an incomplete GGUF")
+    return planned
+
+
+def _file_type(planned: list[_Planned]):
+    gguf = gguf_module()
+    counts: dict[str, int] = {}
+    for p in planned:
+        if p.ggml_type != "F32":
+            counts[p.ggml_type] = counts.get(p.ggml_type, 0) + int(np.prod(p.shape))
+    if not counts:
+        return gguf.LlamaFileType.ALL_F32
+    main = max(counts, key=counts.get)
+    return getattr(gguf.LlamaFileType, f"MOSTLY_{main}")
+
+
+def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str = "auto", strict: bool = False,
+               quiet: bool = False, float_type: str = "f32") -> GGUFReport:
+    """Write ``model`` (quantized by ``edgerazor.quantize``) and ``tokenizer`` as one GGUF file.
+
+    ``type``: "auto" (all-ternary tensors with G % 256 == 0 -> TQ2_0, 4-bit -> Q4_0, mixed 4-bit /
+    ternary -> Q4_0 losslessly with a note), "tq2_0" / "tq1_0" (that type for ternary tensors),
+    "q4_0" (every 4-bit or ternary tensor in Q4_0). ``strict=True`` refuses any tensor that can
+    only be written in a wider type than its own (a note otherwise). Weight matrices the recipe left
+    unquantized are written as ``float_type`` (f32: exact; f16 / bf16: 16-bit baselines, e.g. an
+    unquantized model for speed comparisons). The file is written to
+    ``path + ".tmp"`` and moved into place, so ``path`` is either the old file or the whole new one.
+    """
+    gguf = gguf_module()
+    if type not in REQUESTED_TYPES:
+        raise EdgeRazorError(f"GGUF type {type!r} is not one of {', '.join(REQUESTED_TYPES)}")
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise EdgeRazorError(
+            f"GGUF export supports model_type {', '.join(sorted(ARCHS))}; got {model_type!r}"
+        )
+    if tokenizer is None:
+        raise EdgeRazorError("GGUF export needs the tokenizer: llama.cpp reads the vocabulary from the file")
+    arch = ARCHS[model_type]
+    pre = detect_pre_tokenizer(tokenizer)
+    notes: list[str] = [note] if (note := normalizer_note(tokenizer)) else []
+    if float_type not in FLOAT_TYPES:
+        raise EdgeRazorError(f"GGUF float type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
+    planned = _plan_tensors(model, arch, type, strict, notes, float_type)
+    meta = getattr(config, "edgerazor", None) or {}
+    q = (meta.get("recipe") or {}).get("quant") or {}
+    if (q.get("kv_cache") or {}).get("bits") == 8 or (q.get("activation") or {}).get("bits") == 8:
+        notes.append("the recipe trains with 8-bit activations / KV cache: run llama.cpp with "
+                     "-ctk q8_0 -ctv q8_0 (KV) - weights-only formats cannot carry those settings")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.upper())])
+    try:
+        name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        if name:
+            writer.add_name(Path(str(name)).name)
+        write_hparams(writer, config, arch)
+        writer.add_file_type(_file_type(planned))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
+        for p in planned:
+            raw_dtype = None if p.ggml_type in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, p.ggml_type)
+            writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    report = GGUFReport(path, arch, pre, notes=notes, file_bytes=path.stat().st_size)
+    for p in planned:
+        report.tensors.append(GGUFTensor(
+            p.name, p.source, p.ggml_type, p.shape, int(p.data.nbytes),
+            8.0 * p.data.nbytes / int(np.prod(p.shape)), p.theoretical, p.fallback,
+        ))
+    if not quiet:
+        for note in notes:
+            print(f"note: {note}")
+    return report
+
+
+def export_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, filename: str = "model.gguf",
+                type: str = "auto", strict: bool = False) -> Path:
+    """Exporter-registry form (``fn(model, out_dir, **options) -> Path``) of :func:`write_gguf`."""
+    return write_gguf(model, tokenizer, Path(out_dir) / filename, type=type, strict=strict).path
