@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from edgerazor.errors import EdgeRazorError
+from edgerazor.version import __version__
 
 
 def _cmd_bits(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgerazor.shapes import build_model, load_config
+    from edgerazor.shapes import build_model, load_config, resolve_model
     from edgerazor.quant import count_bits, quantize
     from edgerazor.recipe import load_recipe
 
-    config = load_config(args.model_config)
+    if args.model is not None:
+        config, _ = resolve_model(args.model)
+        label = args.model
+    else:
+        config, label = load_config(args.model_config), Path(args.model_config).name
     if args.baseline:
         # The paper's "other methods" rows: decoder only, 4-bit, G=128, embedding and lm_head in 16-bit.
         sets = ["quant.weight.rho=1", "quant.weight.group_size=128", "quant.embedding.quantizer=null",
@@ -32,22 +40,30 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     model = build_model(config, "meta")
     report = quantize(model, recipe, adapter=args.adapter)
     summary = count_bits(model)
-    data = summary.to_dict() | {"w_a_kv": report.w_a_kv, "model_config": str(args.model_config)}
+    data = summary.to_dict() | {"w_a_kv": report.w_a_kv, "model": args.model or str(args.model_config)}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    table = Table(title=f"{Path(args.model_config).name}: {'baseline 4-bit G=128 decoder only' if args.baseline else report.w_a_kv}")
+    table = Table(title=f"{label}: {'baseline 4-bit G=128 decoder only' if args.baseline else report.w_a_kv}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("parameters", f"{summary.total_params:,}")
     table.add_row("quantized fraction", f"{summary.quantized_fraction:.2%}")
     table.add_row("effective bits (decoder weights)", f"{summary.effective_bits:.4f}")
     table.add_row("bits per quantized weight (+scales)", f"{summary.bits_per_quantized_weight:.4f}")
-    table.add_row("BF16 size", f"{summary.bf16_bytes / 2**30:.3f} GiB")
-    table.add_row("quantized size", f"{summary.quantized_bytes / 2**30:.3f} GiB")
+    table.add_row("BF16 size", format_size(summary.bf16_bytes))
+    table.add_row("quantized size", format_size(summary.quantized_bytes))
     table.add_row("compression ratio", f"{summary.compression_ratio:.2f}x")
     Console().print(table)
     return 0
+
+
+def format_size(n_bytes: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (a 2 MiB model is not ``0.002 GiB``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes:.0f} B"
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -73,9 +89,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from edgerazor.progress import library_bars_off
     from edgerazor.run import run_command
 
-    run_command(args.recipe, args.teacher, args.adapter, list(args.set or []), args.output, args.resume)
+    overrides = list(args.set or []) + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
+    with library_bars_off():  # one bar per stage of ours: none for loading or saving a model
+        run_command(args.recipe, args.teacher, args.adapter, overrides, args.output, args.resume)
     return 0
 
 
@@ -84,26 +103,57 @@ def _student_dir(path: Path) -> Path:
     return path / "student" if (path / "student" / "config.json").is_file() else path
 
 
+def _export_format(model, requested: str | None) -> str:
+    """``--format``, else the ``export.format`` of the recipe the student was quantized with."""
+    if requested is not None:
+        return requested
+    from edgerazor.recipe import recipe_from_dict
+
+    meta = getattr(model.config, "edgerazor", None) or {}
+    return recipe_from_dict(meta.get("recipe") or {}, "the student's config.json (edgerazor.recipe)").export.format
+
+
+def _bytes_on_disk(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     import edgerazor
+    from edgerazor.plugin_manager import exporter_options, run_exporter
+    from edgerazor.plugin_manager import get as get_plugin
 
+    if args.format is not None:
+        get_plugin("exporters", args.format)  # an unknown name fails before the model loads
     model, tokenizer = edgerazor.load(_student_dir(args.source))
-    if args.format == "packed":
-        from edgerazor.export.packed import export_packed
+    name = _export_format(model, args.format)
+    options = {"type": args.type} if args.type is not None else {}
+    if args.strict:
+        options["strict"] = True
+    if args.overwrite:
+        options["overwrite"] = True
+    accepted = exporter_options(get_plugin("exporters", name))
+    if accepted is not None and "overwrite" not in accepted and not args.overwrite and args.out.exists():
+        from edgerazor.errors import OutputExistsError
 
-        report = export_packed(model, tokenizer, args.out)["size"]
-    else:
-        from edgerazor.export.gguf import write_gguf
-
-        report = write_gguf(model, tokenizer, args.out, type=args.type, strict=args.strict).to_dict()
+        # an exporter without the option cannot promise to keep what is there
+        raise OutputExistsError(f"{args.out} already exists and exporter {name!r} has no overwrite option to "
+                                "replace only its own files; choose an output path that does not exist")
+    path = run_exporter(name, model, args.out, tokenizer=tokenizer, **options)
     console = Console()
-    console.print(f"wrote {args.out}: {report['total_bytes'] / 2**20:.2f} MiB, "
+    size_report = getattr(get_plugin("exporters", name), "size_report", None)
+    if size_report is None:  # the exporter says nothing about its sizes: say what it wrote
+        console.print(f"wrote {path} ({name}): {_bytes_on_disk(path) / 2**20:.2f} MiB on disk")
+        if args.report:
+            console.print(f"exporter {name!r} has no size_report: no per-tensor sizes to print")
+        return 0
+    report = size_report(path)
+    console.print(f"wrote {path}: {report['total_bytes'] / 2**20:.2f} MiB, "
                   f"{report['compression_vs_bf16']:.2f}x smaller than BF16")
     if args.report:
-        table = Table(title=f"{args.format} export: size per tensor")
+        table = Table(title=f"{name} export: size per tensor")
         for col in ("tensor", "type", "bytes", "bits/weight"):
             table.add_column(col, justify="right" if col != "tensor" else "left")
         for t in report["tensors"]:
@@ -114,17 +164,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_inputs(tokenizer, prompt: str, chat: bool, source) -> dict:
+    """The prompt's token ids; with ``chat`` the prompt is one user turn of the tokenizer's chat template."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")
+    if not getattr(tokenizer, "chat_template", None):
+        raise EdgeRazorError(f"{source}: the tokenizer has no chat template; drop --chat to complete the raw prompt")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)  # the template already has them
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import TextStreamer
+    from transformers import TextStreamer, set_seed
 
     import edgerazor
 
     model, tokenizer = edgerazor.load(_student_dir(args.model), dense=args.dense)
     if tokenizer is None:
         raise EdgeRazorError(f"{args.model} has no tokenizer files: cannot encode the prompt")
-    inputs = tokenizer(args.prompt, return_tensors="pt")
-    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    inputs = _generation_inputs(tokenizer, args.prompt, args.chat, args.model)
+    if args.seed is not None:
+        set_seed(args.seed)  # sampling draws from the global generators
+    # a chat reply is printed without the template's markup around the prompt
+    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=args.chat)
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                        temperature=args.temperature if args.temperature > 0 else None, streamer=streamer,
@@ -134,23 +198,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgerazor", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of any error (also: environment EDGERAZOR_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="distil a quantized student (no arguments: the built-in offline demo)")
     run.add_argument("--recipe", type=Path, default=None, help="recipe YAML (default: the built-in demo)")
-    run.add_argument("--adapter", default=None, help="model adapter (default: from the teacher's model_type)")
+    run.add_argument("--adapter", default=None, metavar="NAME|auto",
+                     help="model adapter (`edgerazor plugins` lists them; auto, the default: from the teacher's model_type)")
+    run.add_argument("--trust-remote-code", action="store_true",
+                     help="let transformers run the teacher repository's own code (model.trust_remote_code)")
     run.add_argument("--teacher", default=None, help="teacher directory or hub id (overrides model.teacher)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, repeatable")
     run.add_argument("--output", type=Path, default=None, help="output directory (default: runs/<recipe name>)")
     run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     run.set_defaults(func=_cmd_run)
 
-    export = sub.add_parser("export", help="export a run's student (or a student dir) as packed or GGUF")
+    export = sub.add_parser("export", help="export a run's student (or a student dir) with an exporter plugin")
     export.add_argument("source", type=Path, help="run directory or student directory")
-    export.add_argument("--format", choices=("packed", "gguf"), default="packed")
-    export.add_argument("--out", type=Path, required=True, help="output directory (packed) or .gguf file")
-    export.add_argument("--type", choices=("auto", "tq1_0", "tq2_0", "q4_0"), default="auto", help="GGUF tensor type")
-    export.add_argument("--strict", action="store_true", help="GGUF: refuse tensors no GGML type holds exactly")
+    export.add_argument("--format", default=None,
+                        help="exporter plugin (`edgerazor plugins` lists them; default: the recipe's export.format)")
+    export.add_argument("--out", type=Path, required=True, help="output directory, or the file (e.g. model.gguf)")
+    export.add_argument("--type", default=None,
+                        help="exporter option 'type' (gguf: auto, tq1_0, tq2_0 or q4_0)")
+    export.add_argument("--strict", action="store_true",
+                        help="exporter option 'strict' (gguf: refuse tensors no GGML type holds exactly)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a previous EdgeRazor export of the same format at --out "
+                             "(anything else there is refused; without it an existing --out is refused)")
     export.add_argument("--report", action="store_true", help="print the size of every tensor")
     export.add_argument("--json", action="store_true", help="with --report: also print it as JSON")
     export.set_defaults(func=_cmd_export)
@@ -160,12 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed: same tokens)")
+    generate.add_argument("--chat", action="store_true",
+                          help="send the prompt as a user message through the tokenizer's chat template")
     generate.add_argument("--dense", action="store_true",
                           help="packed exports: dequantize once at load (faster, float32 memory; same tokens)")
     generate.set_defaults(func=_cmd_generate)
 
     bits = sub.add_parser("bits", help="quantized fraction, effective bits and compression ratio of a model shape")
-    bits.add_argument("--model-config", required=True, type=Path, help="config.json (or its directory)")
+    shape = bits.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--model", metavar="NAME|HUB_ID|PATH",
+                       help="a built-in shape (qwen3-0.6b, qwen3-1.7b, mobilellm-350m, ...), a hub id or a local directory")
+    shape.add_argument("--model-config", type=Path, help="config.json (or its directory)")
     bits.add_argument("--rho", type=float, default=0.125, help="fraction of 4-bit rows (default 1/8: 1.88-bit)")
     bits.add_argument("--group-size", type=int, default=None, help="group size (default: the adapter's)")
     bits.add_argument("--baseline", action="store_true", help="other methods: decoder only, 4-bit, G=128")
@@ -178,16 +260,76 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=_cmd_plugins)
+    for command in sub.choices.values():  # --debug after the command name works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+#: What to do about an OS error, when its reason alone does not say.
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or write somewhere else",
+    errno.EROFS: "write somewhere else",
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+}
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: a multi-line message's lines joined with ``; `` (after a ``:``, a space)."""
+    out = ""
+    for line in (part.strip() for part in str(text).splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out
+
+
+def os_error_message(exc: OSError) -> str:
+    """``PATH: reason (what to do)`` for an OS error: missing, unreadable, read-only, disk full, name too long."""
+    reason = exc.strerror or one_line(str(exc)) or type(exc).__name__
+    paths = [os.fsdecode(p) if isinstance(p, (str, bytes, os.PathLike)) else str(p)
+             for p in (exc.filename, exc.filename2) if p is not None]
+    hint = _OS_HINTS.get(exc.errno)
+    return (f"{' -> '.join(paths)}: " if paths else "") + reason + (f" ({hint})" if hint else "")
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("EDGERAZOR_DEBUG", "").lower() not in (
+        "", "0", "false", "no")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (an ``EdgeRazorError``, or an OS error on a path the user gave) is
+    one ``edgerazor: error:`` line and exit status 2; Ctrl-C is 130; anything else is a bug, so its
+    traceback is printed and the status is 1. ``--debug`` prints the traceback of every error."""
     args = build_parser().parse_args(argv)
+    debug = _debug(args)
     try:
         return args.func(args)
-    except EdgeRazorError as exc:
-        print(f"edgerazor: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("edgerazor: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # whoever read our output stopped (``edgerazor plugins --json | head``): nothing left to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (captured): nothing to silence
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
+    except (EdgeRazorError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
+        message = os_error_message(exc) if isinstance(exc, OSError) else one_line(str(exc))
+        print(f"edgerazor: error: {message}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: show where it happened
+        traceback.print_exc()
+        print(f"edgerazor: internal error: {type(exc).__name__}: {one_line(str(exc))} - this is a bug in "
+              "EdgeRazor or a plugin, not in your input; please report it with the traceback above",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

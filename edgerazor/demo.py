@@ -10,6 +10,8 @@ Every machine with Python has a real corpus to hand: the standard library's own 
 * a real ``Qwen3ForCausalLM`` teacher pretrained on the training blocks, saved with its tokenizer
   so ``from_pretrained`` loads it, and its held-out perplexity.
 
+The settings are the recipe's ``demo:`` section (``edgerazor.recipe.DemoSection``; the built-in
+``configs/demo.yaml`` spells out the defaults), so ``--set demo.teacher.num_layers=2`` reaches them.
 Everything is cached under ``<cache>/<hash of the settings and the corpus>``; the directory is
 built under a temporary name and renamed into place, so an interrupted build leaves nothing that
 a later run could mistake for a finished one, and a second run skips teacher training.
@@ -17,7 +19,6 @@ a later run could mistake for a finished one, and a second run skips teacher tra
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from edgerazor.recipe import DemoPretrain, DemoSection, DemoTeacher
 
 #: Bump when the cache layout or the way assets are built changes: old caches are then ignored.
 CACHE_FORMAT = 1
@@ -63,60 +66,16 @@ EXCLUDED_DIRS = frozenset({
 EXCLUDED_PREFIXES = ("config-", "_sysconfigdata")
 
 
-@dataclass(frozen=True)
-class TeacherShape:
-    """A small Qwen3 teacher's shape (a real Qwen3 architecture; every input dim must be a multiple
-    of the student's group size) and the context it is trained for."""
-
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 64
-    seq_len: int = 256
-
-
-@dataclass(frozen=True)
-class DemoSettings(TeacherShape):
-    """Everything that decides the demo's teacher; its hash names the cache directory."""
-
-    # tokenizer and data
-    vocab_size: int = 4096
-    held_out: tuple[str, ...] = (
-        "argparse", "csv", "difflib", "fractions", "heapq", "json", "pprint", "shlex", "statistics", "textwrap",
-    )
-    train_chars: int | None = None  # cap on training source characters (None: all of the stdlib)
-    eval_blocks: int | None = 192  # evenly spaced held-out blocks kept for evaluation (None: all)
-    # teacher pretraining (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
-    teacher_steps: int = 1000
-    teacher_lr: float = 2e-3
-    teacher_batch_size: int = 4
-    teacher_warmup_steps: int = 50
-    teacher_min_lr_ratio: float = 0.1
-    teacher_weight_decay: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ValueError("seq_len must be at least 2")
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (the byte alphabet and specials)")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
-        object.__setattr__(self, "held_out", tuple(self.held_out))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["held_out"] = list(self.held_out)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DemoSettings":
-        data = dict(data)
-        if "held_out" in data:
-            data["held_out"] = tuple(data["held_out"])
-        return cls(**data)
+def key_settings(settings: DemoSection) -> dict[str, Any]:
+    """The settings as the flat mapping the cache key has hashed since cache format 1 (pretraining
+    fields prefixed ``teacher_``), so a cache built before the settings moved into the recipe stays valid."""
+    pretrain = {("lr" if k == "learning_rate" else k): v for k, v in settings.pretrain.model_dump(mode="json").items()}
+    return {
+        **settings.teacher.model_dump(mode="json"),
+        **settings.corpus.model_dump(mode="json"),
+        **{f"teacher_{k}": v for k, v in pretrain.items()},
+        "seed": settings.seed,
+    }
 
 
 @dataclass
@@ -125,7 +84,7 @@ class DemoAssets:
     train_dataset: Any  # datasets.Dataset of packed blocks: input_ids, labels
     eval_dataset: Any  # held-out blocks, same columns
     teacher_ppl: float  # held-out perplexity of the teacher, measured when it was built
-    settings: DemoSettings
+    settings: DemoSection
     cache_dir: Path  # <cache root>/<key>
     from_cache: bool  # True when nothing was built in this call
     teacher_train_seconds: float  # wall time of teacher pretraining (when it was built)
@@ -182,13 +141,13 @@ class Corpus:
         return h.hexdigest()
 
 
-def split_corpus(settings: DemoSettings, root: Path | None = None) -> Corpus:
+def split_corpus(settings: DemoSection, root: Path | None = None) -> Corpus:
     """Held-out modules (whole packages included) for evaluation, the rest shuffled for training."""
     root = root or stdlib_root()
     files = stdlib_files(root)
     if not files:
         raise FileNotFoundError(f"no Python source found under the standard library directory {root}")
-    held = set(settings.held_out)
+    held = set(settings.corpus.held_out)
     present = {module_name(f) for f in files}
     missing = sorted(held - present)
     if missing:
@@ -267,19 +226,19 @@ def use_all_cores() -> int:
     return torch.get_num_threads()
 
 
-def teacher_config(settings: TeacherShape, tokenizer, vocab_size: int | None = None):
-    """A tied-embedding ``Qwen3Config`` of ``settings``' shape; ``vocab_size`` defaults to ``settings.vocab_size``."""
+def teacher_config(shape: DemoTeacher, tokenizer, vocab_size: int):
+    """A tied-embedding ``Qwen3Config`` of ``shape`` (the recipe's ``demo.teacher``)."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=settings.vocab_size if vocab_size is None else vocab_size,
-        hidden_size=settings.hidden_size,
-        intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_layers,
-        num_attention_heads=settings.num_heads,
-        num_key_value_heads=settings.num_kv_heads,
-        head_dim=settings.head_dim,
-        max_position_embeddings=settings.seq_len,
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.seq_len,
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
@@ -288,13 +247,13 @@ def teacher_config(settings: TeacherShape, tokenizer, vocab_size: int | None = N
     )
 
 
-def _lr_factor(step: int, settings: DemoSettings) -> float:
-    warmup = max(settings.teacher_warmup_steps, 0)
+def _lr_factor(step: int, pretrain: DemoPretrain) -> float:
+    warmup = max(pretrain.warmup_steps, 0)
     if step < warmup:
         return (step + 1) / warmup
-    span = max(settings.teacher_steps - warmup, 1)
+    span = max(pretrain.steps - warmup, 1)
     progress = min((step - warmup) / span, 1.0)
-    floor = settings.teacher_min_lr_ratio
+    floor = pretrain.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -318,23 +277,24 @@ def pretraining_step(model, optimizer: torch.optim.Optimizer, batch: torch.Tenso
     return float(loss.detach())
 
 
-def train_teacher(model, blocks: torch.Tensor, settings: DemoSettings, progress: bool = True) -> list[float]:
-    """Pretrain ``model`` on ``blocks`` ([N, seq_len] long) with AdamW; returns the loss per step."""
+def train_teacher(model, blocks: torch.Tensor, settings: DemoSection, progress: bool = True) -> list[float]:
+    """Pretrain ``model`` on ``blocks`` ([N, seq_len] long) as ``settings.pretrain`` says; returns the loss per step."""
     from tqdm.auto import tqdm
 
-    optimizer = pretraining_optimizer(model, settings.teacher_lr, settings.teacher_weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
+    pretrain = settings.pretrain
+    optimizer = pretraining_optimizer(model, pretrain.learning_rate, pretrain.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, pretrain))
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(blocks), generator=generator)
     cursor = 0
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(settings.teacher_steps), desc="teacher pretraining", unit="step", disable=not progress)
+    bar = tqdm(range(pretrain.steps), desc="teacher pretraining", unit="step", disable=not progress)
     for _ in bar:
-        if cursor + settings.teacher_batch_size > len(order):  # next epoch
+        if cursor + pretrain.batch_size > len(order):  # next epoch
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor : cursor + settings.teacher_batch_size]]
-        cursor += settings.teacher_batch_size
+        batch = blocks[order[cursor : cursor + pretrain.batch_size]]
+        cursor += pretrain.batch_size
         losses.append(pretraining_step(model, optimizer, batch))
         scheduler.step()
         recent = losses[-20:]
@@ -355,13 +315,13 @@ def default_cache_root(name: str = "demo") -> Path:
     return Path(base).expanduser() / "edgerazor" / name
 
 
-def cache_key(settings: DemoSettings, corpus: Corpus) -> str:
+def cache_key(settings: DemoSection, corpus: Corpus) -> str:
     import tokenizers
     import transformers
 
     payload = {
         "format": CACHE_FORMAT,
-        "settings": settings.to_dict(),
+        "settings": key_settings(settings),
         "corpus": corpus.fingerprint(),
         "python": sys.version_info[:2],
         "versions": {"transformers": transformers.__version__.split(".")[0], "tokenizers": tokenizers.__version__},
@@ -374,7 +334,7 @@ def _log(progress: bool, message: str) -> None:
         print(f"[edgerazor demo] {message}", file=sys.stderr, flush=True)
 
 
-def _load_assets(final: Path, settings: DemoSettings, from_cache: bool) -> DemoAssets:
+def _load_assets(final: Path, settings: DemoSection, from_cache: bool) -> DemoAssets:
     import datasets
 
     meta = json.loads((final / "meta.json").read_text())
@@ -392,57 +352,59 @@ def _load_assets(final: Path, settings: DemoSettings, from_cache: bool) -> DemoA
     )
 
 
-def _build(out: Path, settings: DemoSettings, corpus: Corpus, progress: bool) -> None:
+def _build(out: Path, settings: DemoSection, corpus: Corpus, progress: bool) -> None:
     """Write teacher/, train/, eval/ and meta.json (last) into ``out``."""
     from transformers import Qwen3ForCausalLM
 
     from edgerazor.eval.perplexity import perplexity
 
     start = time.perf_counter()
+    shape, data = settings.teacher, settings.corpus
     train_texts: list[str] = []
     chars = 0
     for rel in corpus.train:
-        if settings.train_chars is not None and chars >= settings.train_chars:
+        if data.train_chars is not None and chars >= data.train_chars:
             break
         text = corpus.read(rel)
-        if settings.train_chars is not None:
-            text = text[: settings.train_chars - chars]
+        if data.train_chars is not None:
+            text = text[: data.train_chars - chars]
         train_texts.append(text)
         chars += len(text)
     used_train = corpus.train[: len(train_texts)]
     eval_texts = [corpus.read(rel) for rel in corpus.held_out]
     _log(progress, f"corpus: {len(train_texts)} training files ({chars / 1e6:.1f}M chars), "
-                   f"{len(eval_texts)} held-out files of {', '.join(settings.held_out)}")
+                   f"{len(eval_texts)} held-out files of {', '.join(data.held_out)}")
 
     t = time.perf_counter()
-    tokenizer = train_tokenizer(train_texts, settings.vocab_size)  # held-out text never reaches it
-    if len(tokenizer) != settings.vocab_size:
-        _log(progress, f"tokenizer: the corpus supports only {len(tokenizer)} tokens (asked {settings.vocab_size})")
+    tokenizer = train_tokenizer(train_texts, data.vocab_size)  # held-out text never reaches it
+    if len(tokenizer) != data.vocab_size:
+        _log(progress, f"tokenizer: the corpus supports only {len(tokenizer)} tokens (asked {data.vocab_size})")
     backend = tokenizer.backend_tokenizer
     train_ids = [e.ids for e in backend.encode_batch(train_texts, add_special_tokens=False)]
     eval_ids = [e.ids for e in backend.encode_batch(eval_texts, add_special_tokens=False)]
-    train_blocks = pack_blocks(train_ids, tokenizer.eos_token_id, settings.seq_len)
-    eval_blocks = pack_blocks(eval_ids, tokenizer.eos_token_id, settings.seq_len)
+    train_blocks = pack_blocks(train_ids, tokenizer.eos_token_id, shape.seq_len)
+    eval_blocks = pack_blocks(eval_ids, tokenizer.eos_token_id, shape.seq_len)
     if not train_blocks or not eval_blocks:
-        raise ValueError(f"the corpus is too small for seq_len={settings.seq_len}")
+        raise ValueError(f"the corpus is too small for demo.teacher.seq_len={shape.seq_len}")
     all_eval = len(eval_blocks)
-    if settings.eval_blocks is not None and settings.eval_blocks < len(eval_blocks):
-        step = len(eval_blocks) / settings.eval_blocks  # evenly spaced: every held-out module is represented
-        eval_blocks = [eval_blocks[int(i * step)] for i in range(settings.eval_blocks)]
+    if data.eval_blocks is not None and data.eval_blocks < len(eval_blocks):
+        step = len(eval_blocks) / data.eval_blocks  # evenly spaced: every held-out module is represented
+        eval_blocks = [eval_blocks[int(i * step)] for i in range(data.eval_blocks)]
     train_tokens = sum(map(len, train_ids))
     tokenize_seconds = time.perf_counter() - t
     _log(progress, f"tokenizer: {len(tokenizer)} tokens, {chars / max(train_tokens, 1):.2f} chars/token; "
                    f"{len(train_blocks)} training blocks, {len(eval_blocks)}/{all_eval} held-out blocks "
-                   f"of {settings.seq_len} tokens ({tokenize_seconds:.0f} s)")
+                   f"of {shape.seq_len} tokens ({tokenize_seconds:.0f} s)")
 
     torch.manual_seed(settings.seed)
-    config = teacher_config(settings, tokenizer)
+    config = teacher_config(shape, tokenizer, data.vocab_size)
     model = Qwen3ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    seen = settings.teacher_steps * settings.teacher_batch_size * settings.seq_len
-    _log(progress, f"teacher: Qwen3 {settings.num_layers} layers, hidden {settings.hidden_size}, "
-                   f"{n_params / 1e6:.1f}M parameters; {settings.teacher_steps} steps "
-                   f"({seen / 1e6:.2f}M tokens, {seen / (len(train_blocks) * settings.seq_len):.2f} epochs)")
+    steps = settings.pretrain.steps
+    seen = steps * settings.pretrain.batch_size * shape.seq_len
+    _log(progress, f"teacher: Qwen3 {shape.num_layers} layers, hidden {shape.hidden_size}, "
+                   f"{n_params / 1e6:.1f}M parameters; {steps} steps "
+                   f"({seen / 1e6:.2f}M tokens, {seen / (len(train_blocks) * shape.seq_len):.2f} epochs)")
     t = time.perf_counter()
     losses = train_teacher(model, torch.tensor(train_blocks, dtype=torch.long), settings, progress)
     teacher_train_seconds = time.perf_counter() - t
@@ -453,14 +415,14 @@ def _build(out: Path, settings: DemoSettings, corpus: Corpus, progress: bool) ->
 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.model_max_length = settings.seq_len
+    tokenizer.model_max_length = shape.seq_len
     model.save_pretrained(out / "teacher")
     tokenizer.save_pretrained(out / "teacher")
     blocks_dataset(train_blocks).save_to_disk(str(out / "train"))
     eval_dataset.save_to_disk(str(out / "eval"))
     meta = {
         "format": CACHE_FORMAT,
-        "settings": settings.to_dict(),
+        "settings": settings.model_dump(mode="json"),
         "teacher_ppl": teacher_ppl,
         "teacher_train_seconds": teacher_train_seconds,
         "tokenize_seconds": tokenize_seconds,
@@ -482,7 +444,7 @@ def _build(out: Path, settings: DemoSettings, corpus: Corpus, progress: bool) ->
 
 def prepare_demo(
     cache_dir: str | Path | None = None,
-    settings: DemoSettings = DemoSettings(),
+    settings: DemoSection = DemoSection(),
     progress: bool = True,
 ) -> DemoAssets:
     """Build (or reuse from the cache) the demo's tokenizer, datasets and pretrained teacher.

@@ -19,3 +19,15 @@ class QuantizationError(EdgeRazorError):
 
 class DataError(EdgeRazorError):
     """A data source cannot be turned into training rows; the message names the source and field."""
+
+
+class PackedFormatError(EdgeRazorError):
+    """A packed export is damaged or inconsistent; the message names the file and the key."""
+
+
+class GGUFFormatError(EdgeRazorError):
+    """A GGUF file is damaged or does not hold what it must; the message names the file and what differs."""
+
+
+class OutputExistsError(EdgeRazorError):
+    """An export target already exists and the user did not ask to replace it (or it is not ours to replace)."""

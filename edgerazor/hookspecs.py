@@ -16,7 +16,9 @@ def register_quantizers(register):
     """Register weight/activation quantizers: ``register(name, GroupQuantizer)``.
 
     A quantizer maps a tensor of groups ``[..., J, G]`` to per-group scales ``[..., J]``
-    (``scale(groups)``) and declares its integer range ``qmax`` and storage ``bits``.
+    (``scale(groups)``) and declares its integer range ``qmax`` (codes in ``[-qmax, qmax]``,
+    ``1 <= qmax <= 127``), its storage ``bits`` (size accounting and a scheme's W) and, optionally,
+    the ``codec`` the packed format stores its codes with (default: the generic ``sym{qmax}``).
     """
 
 
@@ -57,12 +59,23 @@ def register_losses(register):
 
 @hookspec
 def register_adapters(register):
-    """Register model adapters: ``register(name, ModelAdapter)``."""
+    """Register model adapters: ``register(name, ModelAdapter)``.
+
+    A ``edgerazor.adapters.ModelAdapter`` instance (or subclass) knows one model family: loading,
+    components and their default quantization, the decoder layer list (LAFD), attention modules
+    (KV cache), training rows, chat template and ``<think>`` handling, and the GGUF architecture.
+    """
 
 
 @hookspec
 def register_exporters(register):
     """Register exporters: ``register(name, fn)``.
 
-    ``fn(model, out_dir, **options) -> pathlib.Path`` writes a deployable artefact.
+    ``fn(model, out_dir, tokenizer=None, **options) -> pathlib.Path`` writes a deployable artefact
+    and returns its path. The options it accepts are the keyword parameters it names; any other
+    option is refused by ``run_exporter`` (and ``edgerazor export``). An optional attribute
+    ``fn.size_report(path) -> dict`` describes what was written. An exporter that takes an
+    ``overwrite`` option (``edgerazor export --overwrite``) must refuse an existing target unless it
+    is set and the target is its own earlier output (``edgerazor.export.files.staged`` does this);
+    for an exporter without it, ``edgerazor export`` refuses an existing ``--out`` itself.
     """

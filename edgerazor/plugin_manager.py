@@ -15,12 +15,12 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pluggy
 
 from edgerazor import hookspecs
-from edgerazor.adapters import ModelAdapter
 from edgerazor.errors import PluginError
 
 ENTRY_POINT_GROUP = "edgerazor"
@@ -34,6 +34,7 @@ DEFAULT_PLUGINS = (
     "edgerazor.plugins.exporters",
     "edgerazor.model_adapters.qwen3",
     "edgerazor.model_adapters.mobilellm",
+    "edgerazor.model_adapters.generic",
 )
 
 
@@ -58,8 +59,14 @@ def _check_quantizer(obj: Any) -> str | None:
         return "a quantizer needs a scale(groups) -> Tensor method"
     if not isinstance(qmax, int) or qmax < 1:
         return "a quantizer needs an integer qmax >= 1"
-    if not isinstance(getattr(obj, "bits", None), (int, float)):
-        return "a quantizer needs a numeric bits attribute"
+    if qmax > 127:
+        return "a quantizer needs qmax <= 127 (codes are stored as int8)"
+    bits = getattr(obj, "bits", None)
+    if not isinstance(bits, (int, float)) or isinstance(bits, bool) or not bits > 0:
+        return "a quantizer needs a numeric bits attribute > 0"
+    codec = getattr(obj, "codec", None)
+    if codec is not None and not (isinstance(codec, str) and codec):
+        return "a quantizer's codec must be a codec name (str) or None"
     return None
 
 
@@ -73,7 +80,16 @@ def _check_callable(n: int, var_kw: bool, signature: str) -> Callable[[Any], str
 
 
 def _check_adapter(obj: Any) -> str | None:
-    return None if isinstance(obj, ModelAdapter) else "expected an edgerazor.adapters.ModelAdapter"
+    # by qualified name: edgerazor.adapters imports this module, so importing it here would be a cycle
+    bases = {f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__}
+    return None if "edgerazor.adapters.ModelAdapter" in bases else "expected an edgerazor.adapters.ModelAdapter instance"
+
+
+def _check_exporter(obj: Any) -> str | None:
+    problem = _check_callable(2, True, "(model, out_dir, **options) -> Path")(obj)
+    if problem is None and getattr(obj, "size_report", None) is not None and not callable(obj.size_report):
+        return "an exporter's size_report must be a callable (path) -> dict"
+    return problem
 
 
 #: registry name -> (hook name, validator). The validators define what "the wrong shape" means.
@@ -90,7 +106,7 @@ REGISTRY_SPECS: dict[str, tuple[str, Callable[[Any], str | None]]] = {
     "kl_mixers": ("register_kl_mixers", _check_callable(1, True, "(stats, **options) -> Tensor")),
     "losses": ("register_losses", _check_callable(3, False, "(student_out, teacher_out, batch) -> Tensor")),
     "adapters": ("register_adapters", _check_adapter),
-    "exporters": ("register_exporters", _check_callable(2, True, "(model, out_dir, **options) -> Path")),
+    "exporters": ("register_exporters", _check_exporter),
 }
 
 REGISTRY_HOOKS = {hook: kind for kind, (hook, _) in REGISTRY_SPECS.items()}
@@ -284,16 +300,35 @@ def get(kind: str, name: str) -> Any:
     return get_plugins().get(kind, name)
 
 
-def resolve_adapter(model_type: str, name: str | None = None) -> ModelAdapter:
-    """The adapter called ``name``, or the one that serves ``model_type``."""
-    registry = get_plugins().registry("adapters")
-    if name is not None:
-        return registry.get(name)
-    for adapter_name in registry.names():
-        adapter = registry.get(adapter_name)
-        if adapter.matches(model_type):
-            return adapter
-    raise PluginError(
-        f"no model adapter serves model_type {model_type!r}; available adapters: "
-        + ", ".join(f"{n} ({', '.join(registry.get(n).model_types)})" for n in registry.names())
-    )
+def exporter_options(exporter: Callable) -> list[str] | None:
+    """The options an exporter accepts: its keyword parameters after ``model, out_dir, tokenizer``.
+
+    None when its signature cannot be read (then every option is passed on unchecked).
+    """
+    try:
+        params = list(inspect.signature(exporter).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params[2:] if p.kind in named and p.name != "tokenizer"]
+
+
+def run_exporter(name: str, model: Any, out_dir: Any, tokenizer: Any = None, **options: Any) -> Path:
+    """Call exporter ``name`` as ``fn(model, out_dir, tokenizer=tokenizer, **options)``; returns its Path.
+
+    An option the exporter does not name as a keyword parameter is an error, never silently swallowed
+    by its ``**options``.
+    """
+    exporter = get("exporters", name)
+    accepted = exporter_options(exporter)
+    if accepted is not None:
+        for key in options:
+            if key not in accepted:
+                raise PluginError(
+                    f"exporter {name!r} does not accept the option {key!r}; its options: {', '.join(accepted) or '(none)'}"
+                )
+    path = exporter(model, out_dir, tokenizer=tokenizer, **options)
+    if not isinstance(path, (str, os.PathLike)):
+        raise PluginError(f"exporter {name!r} returned {type(path).__name__}; expected the pathlib.Path it wrote")
+    return Path(path)
+

@@ -3,47 +3,67 @@
 A recipe is one YAML document. Sections are frozen models that forbid unknown keys, so a typo is
 an error naming the file, the key path and the allowed keys; later sections (distill, data,
 train, export) slot in beside ``quant`` with defaults, so existing recipes keep validating.
+
+Bad input is a one-line ``RecipeError`` naming the file (or ``--set`` override) and the key: an
+unreadable, empty or non-mapping file, invalid UTF-8, duplicate keys, non-finite numbers, counts
+and ratios out of range, and nesting deeper than ``MAX_DEPTH`` (refused before any recursion).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgerazor.errors import RecipeError
-
-#: Paper bit-widths counted the paper's way: effective bits = rho * 4 + (1 - rho) * 1.58.
-TERNARY_BITS, HIGH_BITS = 1.58, 4.0
+from edgerazor.errors import PluginError, RecipeError
+from edgerazor.plugin_manager import get as get_plugin
 
 
-def rho_for_bits(bits: float) -> float:
-    """The super-group rho whose effective bit-width is ``bits`` (4 -> 1, 2.79 -> 1/2, 1.88 -> 1/8, 1.58 -> 0)."""
-    if abs(bits - TERNARY_BITS) < 0.005:
+def rho_for_bits(bits: float, high_bits: float, low_bits: float) -> float:
+    """The super-group rho whose effective bit-width ``rho * high_bits + (1 - rho) * low_bits`` is ``bits``.
+
+    With the paper's 4-bit / 1.58-bit quantizers: 4 -> 1, 2.79 -> 1/2, 1.88 -> 1/8, 1.58 -> 0.
+    """
+    if abs(bits - low_bits) < 0.005:
         return 0.0
-    if not TERNARY_BITS < bits <= HIGH_BITS + 1e-9:
-        raise ValueError(f"weight bits {bits} outside [{TERNARY_BITS}, {HIGH_BITS}]")
-    period = round((HIGH_BITS - TERNARY_BITS) / (bits - TERNARY_BITS))
-    if abs(TERNARY_BITS + (HIGH_BITS - TERNARY_BITS) / period - bits) > 0.01:
+    if not low_bits < bits <= high_bits + 1e-9:
+        raise ValueError(f"weight bits {bits} outside [{low_bits:g}, {high_bits:g}] (the low and high quantizers' bits)")
+    period = round((high_bits - low_bits) / (bits - low_bits))
+    if abs(low_bits + (high_bits - low_bits) / period - bits) > 0.01:
+        reachable = ", ".join(f"{nominal_weight_bits(1 / p, high_bits, low_bits):g}" for p in range(1, 9))
         raise ValueError(
-            f"weight bits {bits} is not reachable by a super-group (one 4-bit row in every P); "
-            "reachable: 4, 2.79, 2.39, 2.19, 2.06, 1.98, 1.93, 1.88, ..."
+            f"weight bits {bits} is not reachable by a super-group (one {high_bits:g}-bit row in every P); "
+            f"reachable: {reachable}, ..."
         )
     return 1.0 / period
+
+
+def quantizer_bits(name: str, key: str) -> float:
+    """The storage bits a quantizer plugin declares; a ValueError naming the recipe key if it is unknown."""
+    if not isinstance(name, str):
+        raise ValueError(f"{key}: must be a quantizer plugin name, got {name!r}")
+    try:
+        return float(get_plugin("quantizers", name).bits)
+    except PluginError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 class Section(BaseModel):
     """The base of every recipe section: frozen, and unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def nominal_weight_bits(rho: float) -> float:
-    """The paper's label: ``rho * 4 + (1 - rho) * 1.58`` rounded to 2 decimals (1/8 -> 1.88)."""
-    return round(rho * HIGH_BITS + (1 - rho) * TERNARY_BITS, 2)
+#: Seeds reach ``numpy.random.seed`` (through transformers' ``set_seed``), which takes [0, 2**32).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
+def nominal_weight_bits(rho: float, high_bits: float, low_bits: float) -> float:
+    """The paper's label: ``rho * high_bits + (1 - rho) * low_bits`` rounded to 2 decimals (1/8, 4, 1.58 -> 1.88)."""
+    return round(rho * high_bits + (1 - rho) * low_bits, 2)
 
 
 class WeightQuant(Section):
@@ -62,6 +82,7 @@ class ActivationQuant(Section):
     """Dynamic per-token, per-group activation quantization of every quantized linear's input."""
 
     bits: Literal[8, 16] = 8
+    quantizer: str = Field("int8", description="quantizer plugin used when bits is 8 (must declare 8 bits)")
     group_size: int | None = Field(None, gt=0, description="default: the layer's weight group size")
 
 
@@ -69,6 +90,7 @@ class KVCacheQuant(Section):
     """Per-token K (after RoPE) and V quantization, per group along head_dim."""
 
     bits: Literal[8, 16] = 8
+    quantizer: str = Field("int8", description="quantizer plugin used when bits is 8 (must declare 8 bits)")
     group_size: int | None = Field(None, gt=0, description="default: head_dim")
 
 
@@ -103,14 +125,25 @@ class QuantSection(Section):
             w_bits, a_bits, kv_bits = float(parts[0]), int(parts[1]), int(parts[2])
         except ValueError:
             raise ValueError(f"scheme {scheme!r} must be W-A-KV with numbers, e.g. '1.88-8-8'") from None
+        weight = data.get("weight") if isinstance(data.get("weight"), dict) else {}
+        fields = WeightQuant.model_fields
+        high = weight.get("high", fields["high"].default)
+        low = weight.get("low", fields["low"].default)
+        high_bits = quantizer_bits(high, "quant.weight.high")
+        low_bits = quantizer_bits(low, "quant.weight.low")
         implied = {
-            ("weight", "rho"): rho_for_bits(w_bits),
+            ("weight", "rho"): rho_for_bits(w_bits, high_bits, low_bits),
             ("activation", "bits"): a_bits,
             ("kv_cache", "bits"): kv_bits,
         }
         data = dict(data)
         for (section, key), value in implied.items():
-            sub = dict(data.get(section) or {})
+            sub = data.get(section) or {}
+            if not isinstance(sub, dict):
+                continue  # not a mapping: the section's own validation says so
+            sub = dict(sub)
+            if key in sub and not isinstance(sub[key], (int, float)):
+                raise ValueError(f"quant.{section}.{key} must be a number, got {sub[key]!r}")
             if key in sub and not math.isclose(float(sub[key]), float(value), abs_tol=1e-9):
                 raise ValueError(f"scheme {scheme!r} implies {section}.{key}={value}, but the recipe sets {sub[key]}")
             sub[key] = value
@@ -119,14 +152,17 @@ class QuantSection(Section):
 
     @property
     def w_a_kv(self) -> str:
-        w = nominal_weight_bits(self.weight.rho)
+        """``W-A-KV`` with W from the bits the ``weight.high`` / ``weight.low`` quantizers declare."""
+        high = float(get_plugin("quantizers", self.weight.high).bits)
+        low = high if self.weight.rho == 1 else float(get_plugin("quantizers", self.weight.low).bits)
+        w = nominal_weight_bits(self.weight.rho, high, low)
         return f"{w:g}-{self.activation.bits}-{self.kv_cache.bits}"
 
 
 class DataSource(Section):
     """One dataset in the mixture: a local file or directory, or a Hugging Face hub dataset id."""
 
-    path: str = Field(description="a .json/.jsonl/.parquet/.txt file or a directory of them, or a hub dataset id")
+    path: str = Field(min_length=1, description="a .json/.jsonl/.parquet/.txt file or a directory of them, or a hub dataset id")
     name: str | None = Field(None, description="hub dataset config name")
     split: str = Field("train", description="hub split (slicing allowed, e.g. 'train[:10%]'); local files are 'train'")
     format: Literal["text", "prompt_response", "chat"] = "text"
@@ -159,12 +195,13 @@ class DataSection(Section):
     num_samples: int | None = Field(
         None, gt=0, description="rows in the mixture; default: as many as the ratios allow without repeating"
     )
-    seed: int = 0
+    seed: Seed = 0
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of rows held out for evaluation")
 
 
 class ModelSection(Section):
-    adapter: str | None = Field(None, description="model adapter plugin; default: chosen from config.model_type")
+    adapter: str | None = Field(None, description="model adapter plugin, or 'auto' (default): chosen from config.model_type")
+    trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
     teacher: str | None = Field(None, description="teacher: a hub id or a local directory")
     student: str | None = Field(None, description="student initialisation; default: the teacher's weights")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -180,7 +217,9 @@ class DistillSection(Section):
     selector_options: dict[str, Any] = Field(default_factory=lambda: {"k": 3})
     kl_mixer: str = Field("eakld", description="KL mixer plugin (eakld, forward, reverse, cakld)")
     kl_mixer_options: dict[str, Any] = Field(default_factory=lambda: {"K": 16})
-    extra_losses: dict[str, float] = Field(default_factory=dict, description="loss plugin name -> weight")
+    extra_losses: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="loss plugin name -> weight"
+    )
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the full-vocabulary divergence")
 
 
@@ -190,7 +229,7 @@ class TrainSection(Section):
     learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = "constant_with_warmup"
     warmup_ratio: float = Field(0.05, ge=0, le=1)
-    max_steps: int = Field(-1, description="-1: run num_epochs")
+    max_steps: int = Field(-1, description="-1: run num_epochs; else the number of optimizer steps (> 0)")
     num_epochs: float = Field(1.0, gt=0)
     per_device_batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -200,41 +239,228 @@ class TrainSection(Section):
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
-    eval_steps: int | None = Field(None, gt=0)
-    seed: int = 42
+    eval_steps: int | None = Field(
+        None, gt=0, description="student perplexity on the eval rows every N optimizer steps and at the end"
+    )
+    seed: Seed = 42
     bf16: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        """0 or another negative would train nothing (or forever) without saying so."""
+        if value != -1 and value <= 0:
+            raise ValueError("must be -1 (train for num_epochs) or a positive number of optimizer steps")
+        return value
+
+
+class ExportSection(Section):
+    """How ``edgerazor export`` writes the student when ``--format`` is not given."""
+
+    format: str = Field("packed", description="exporter plugin name (see `edgerazor plugins`)")
+
+
+class DemoTeacher(Section):
+    """The demo teacher's shape: a real Qwen3 architecture. Every input dim (hidden, intermediate,
+    heads x head_dim) must be a multiple of the student's ``quant.weight.group_size``."""
+
+    hidden_size: int = Field(256, gt=0)
+    intermediate_size: int = Field(768, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0, description="must divide num_heads")
+    head_dim: int = Field(64, gt=0)
+    seq_len: int = Field(256, ge=2, description="the context the teacher is trained for, and the block length")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "DemoTeacher":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class DemoCorpus(Section):
+    """The demo's data: the Python standard library's source, a byte-level BPE trained on it, packed blocks."""
+
+    vocab_size: int = Field(4096, ge=260, description="BPE vocabulary, at least the 256 bytes and 4 special tokens")
+    held_out: tuple[str, ...] = Field(
+        ("argparse", "csv", "difflib", "fractions", "heapq", "json", "pprint", "shlex", "statistics", "textwrap"),
+        min_length=1, description="stdlib modules kept out of tokenizer and teacher training, for evaluation",
+    )
+    train_chars: int | None = Field(None, gt=0, description="cap on training source characters (null: all)")
+    eval_blocks: int | None = Field(192, gt=0, description="evenly spaced held-out blocks to evaluate on (null: all)")
+
+
+class DemoPretrain(Section):
+    """Teacher pretraining: AdamW (betas 0.9/0.95), linear warmup, then cosine decay to min_lr_ratio * lr."""
+
+    steps: int = Field(1000, ge=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(4, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+
+
+class DemoSection(Section):
+    """The offline demo's teacher, built by ``edgerazor.demo`` when a recipe with this section has no
+    teacher; every value here decides the teacher, so changing one builds (and caches) a new one."""
+
+    teacher: DemoTeacher = DemoTeacher()
+    corpus: DemoCorpus = DemoCorpus()
+    pretrain: DemoPretrain = DemoPretrain()
+    seed: Seed = Field(0, description="corpus shuffle, teacher initialisation and batch order")
+
 
 class Recipe(Section):
-    name: str = "edgerazor"
+    name: str = Field("edgerazor", min_length=1, max_length=128, description="also the run folder: runs/<name>")
     description: str = ""
     model: ModelSection = ModelSection()
     quant: QuantSection = QuantSection()
     distill: DistillSection = DistillSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
+    export: ExportSection = ExportSection()
+    demo: DemoSection | None = Field(None, description="the offline demo's teacher (used when there is no teacher)")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, value: str) -> str:
+        """The name is the default output folder ``runs/<name>``: it must not reach outside ``runs/``."""
+        if value in (".", "..") or any(c in value for c in "/\\\0"):
+            raise ValueError("must be usable as one folder name (no '/', '\\', NUL; not '.' or '..')")
+        return value
+
+
+#: Deepest nesting a recipe, a ``--set`` value or a ``--set`` path may have. The schema needs 5 levels
+#: (data.sources.0.path); the limit is checked before anything recurses, so no RecursionError.
+MAX_DEPTH = 32
+#: Most values one recipe may hold once YAML aliases are expanded (aliases can multiply a small file).
+MAX_VALUES = 100_000
+#: Largest recipe file read: anything bigger is not a recipe (and a device like /dev/zero never ends).
+MAX_FILE_BYTES = 16 * 2**20
+
+
+class _RefusedYAML(yaml.YAMLError):
+    """YAML that parses but that a recipe refuses (a duplicate key, too deep); the message says why."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (PyYAML silently keeps the last one) and nesting
+    deeper than ``MAX_DEPTH`` (PyYAML's composer recurses, so a deep document ends in RecursionError)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise _RefusedYAML(f"nested deeper than {MAX_DEPTH} levels at line {line}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` entries may be overridden by explicit keys
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first_line:
+                        raise _RefusedYAML(f"duplicate key {key!r} at line {line} (first at line "
+                                           f"{first_line[key]}); a key may appear once per mapping")
+                    first_line[key] = line
+                except TypeError:
+                    pass  # an unhashable key: the base constructor reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line from a PyYAML error: where, then what (its own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    what = "; ".join(p for p in parts if p) or " ".join(str(exc).split())
+    return f"{where}: {what}"
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """``text`` parsed with ``RecipeLoader``; ``what`` names the file or override in the error."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RefusedYAML as exc:
+        raise RecipeError(f"{what}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{what} is not valid YAML{_yaml_problem(exc)}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``"data.sources.0.prompt_field=q"`` -> (["data", "sources", "0", "prompt_field"], "q")."""
+    if not isinstance(item, str):
+        raise RecipeError(f"override {_short(item)} must be a string key.path=value")
+    key, sep, raw = item.partition("=")
+    parts = [part.strip() for part in key.split(".")]
+    if not sep or not key.strip():
+        raise RecipeError(f"override {_short(item)} must look like key.path=value (e.g. quant.weight.rho=0.5)")
+    if not all(parts):
+        raise RecipeError(f"override {_short(item)}: the key path {key.strip()!r} has an empty part")
+    if len(parts) > MAX_DEPTH:
+        raise RecipeError(f"override {_short(item)}: the key path is deeper than {MAX_DEPTH} levels")
+    value = _parse_yaml(raw, f"override {_short(item)}: the value") if raw.strip() else None
+    return parts, value
+
+
+def _with_override(node: Any, parts: list[str], value: Any, item: str, done: tuple[str, ...] = ()) -> Any:
+    """A copy of ``node`` with ``value`` at ``parts``; only the containers on the path are copied.
+
+    A number indexes a list (``data.sources.0``); a mapping value merges into a mapping already there.
+    """
+    if not parts:
+        return _merge(node, value) if isinstance(node, dict) and isinstance(value, dict) else value
+    part, rest, here = parts[0], parts[1:], ".".join(done)
+    if isinstance(node, (list, tuple)):
+        if not part.isdigit():
+            raise RecipeError(f"override {_short(item)}: {here} is a list; index it with a number, not {part!r}")
+        index = int(part)
+        if index >= len(node):
+            raise RecipeError(f"override {_short(item)}: {here} has {len(node)} item(s), "
+                              f"so index {index} is out of range")
+        out = list(node)
+        out[index] = _with_override(node[index], rest, value, item, (*done, part))
+        return out
+    if node is None and done:
+        if part.isdigit():
+            raise RecipeError(f"override {_short(item)}: {here} is not set, so it has no item {part}")
+        node = {}  # a missing (or null) section: the override creates it
+    if not isinstance(node, dict):
+        raise RecipeError(f"override {_short(item)}: {here} is {_short(node)}, not a mapping or a list, "
+                          f"so it has no {part!r}")
+    out = dict(node)
+    out[part] = _with_override(node.get(part), rest, value, item, (*done, part))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> tuple[dict[str, Any], dict]:
+    """``data`` with every override applied in order (``data`` itself is left alone), and which override
+    set each key path, so a validation error can name the override that caused it."""
+    origins: dict[tuple[str, ...], str] = {}
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        data = _with_override(data, parts, value, item)
+        origins[tuple(parts)] = item
+    return data, origins
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """``["quant.weight.rho=0.5", ...]`` -> nested dict; values parse as YAML scalars."""
-    nested: dict[str, Any] = {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"override {item!r} must look like key.path=value (e.g. quant.weight.rho=0.5)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"override {item!r}: value is not valid YAML: {exc}") from None
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"override {item!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = value
-    return nested
+    return apply_overrides({}, overrides)[0]
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -247,40 +473,111 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _origin(loc: tuple, origins: dict[tuple[str, ...], str], inside: bool = False) -> str:
+    """`` (from override 'k=v')`` when an override set the key at ``loc``, or (``inside``: the error is
+    about the value's kind or its own sub-keys) a key inside it."""
+    key = tuple(str(p) for p in loc)
+    for path, item in reversed(origins.items()):  # the last override of a key is the one that counts
+        if key[:len(path)] == path or ((inside or len(key) >= 2) and path[:len(key)] == key):
+            return f" (from override {_short(item)})"
+    return ""
+
+
+def _key(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _check_values(data: Any, source: str, origins: dict[tuple[str, ...], str]) -> None:
+    """Refuse non-finite numbers anywhere (plugin options too), nesting deeper than ``MAX_DEPTH`` and
+    more than ``MAX_VALUES`` values. Iterative: YAML aliases can build cycles and very deep trees."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    count = 0
+    while stack:
+        value, path = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RecipeError(f"invalid recipe {source}: more than {MAX_VALUES} values (YAML aliases expanding?)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"invalid recipe {source}: {_key(path)}: must be a finite number, got {value}"
+                              f"{_origin(path, origins)}")
+        if isinstance(value, (dict, list, tuple)):
+            if len(path) >= MAX_DEPTH:
+                raise RecipeError(f"invalid recipe {source}: {_key(path[:4])}...: nested deeper than {MAX_DEPTH} "
+                                  "levels (or a YAML alias refers to itself)")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, (*path, k)) for k, v in items)
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed at ``loc`` (a pydantic error location) inside ``model``."""
     for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list item: its model is the list's item type, already taken
         field = model.model_fields.get(part) if isinstance(part, str) else None
         ann = getattr(field, "annotation", None)
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # X | None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
     return sorted(model.model_fields)
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _format_errors(exc: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None) -> str:
+    """One line: every problem as ``key: what was expected (got value)``, joined by ``; ``."""
+    problems = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Recipe, loc)
-            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+            text = f"{_key(loc)}: unknown key; allowed here: {', '.join(_allowed_keys(Recipe, loc))}"
         else:
-            got = err.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {err['msg']}{got_s}")
-    return "\n".join(lines)
+            got, kind = err.get("input"), err["type"].endswith("_type")  # a value of the wrong kind
+            msg = err["msg"].removeprefix("Value error, ")
+            text = f"{_key(loc)}: {msg}" + ("" if isinstance(got, dict) and not kind else f" (got {_short(got)})")
+        problems.append(text + _origin(loc, origins or {}, inside=err["type"].endswith("_type")))
+    return f"invalid recipe {source}: " + "; ".join(problems)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe mapping (after ``overrides``); ``source`` names it in errors."""
     if not isinstance(data, dict):
-        raise RecipeError(f"invalid recipe {source}: the top level must be a mapping, got {type(data).__name__}")
-    data = _merge(data, parse_overrides(overrides))
+        raise RecipeError(f"invalid recipe {source}: the top level must be a mapping of sections "
+                          f"(name:, model:, quant:, ...), got {type(data).__name__}")
+    data, origins = apply_overrides(data, overrides)
+    _check_values(data, source, origins)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_errors(exc, source)) from None
+        raise RecipeError(_format_errors(exc, source, origins)) from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; every way a path can fail to be a readable UTF-8 file is a RecipeError naming it."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe file {path} is a directory; give the recipe's .yaml file") from None
+    except PermissionError:
+        raise RecipeError(f"recipe file {path} cannot be read: permission denied") from None
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the name
+        raise RecipeError(f"recipe file {str(path)!r} is not a valid path: {exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise RecipeError(f"recipe file {path} is larger than {MAX_FILE_BYTES // 2**20} MiB: not a recipe")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"recipe file {path} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -288,12 +585,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if path is None:
         return recipe_from_dict({}, "<defaults>", overrides)
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {exc}") from None
+    data = _parse_yaml(_read_text(path), f"recipe file {path}")
+    if data is None:
+        raise RecipeError(f"recipe file {path} is empty: a recipe is a YAML mapping of sections "
+                          "(name:, model:, quant:, train:, ...)")
     return recipe_from_dict(data, str(path), overrides)
 
 

@@ -2,8 +2,9 @@
 
 Each stage is a plain function call with a typed value; no stage reaches back into an earlier one.
 The output directory holds ``student/`` (loadable with ``edgerazor.load``), the training
-checkpoints, and ``results.json`` (teacher/RTN/student perplexity, effective bits, the recipe and
-the teacher's location).
+checkpoints, ``results.json`` (teacher/RTN/student perplexity, effective bits, the data's row
+counts, the eval curve, the recipe and the teacher's location) and ``training.png`` (training loss
+and held-out perplexity per step).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from edgerazor.adapters import ModelAdapter, resolve_adapter
 from edgerazor.errors import EdgeRazorError
 from edgerazor.recipe import Recipe, dump_recipe, load_recipe
 
@@ -44,6 +46,8 @@ class RunInputs:
     tokenizer: Any
     train_dataset: Any
     eval_dataset: Any
+    adapter: ModelAdapter
+    data_stats: Any = None  # edgerazor.data.DataStats: rows per source read, dropped, truncated, kept; eval rows
 
 
 def gap_closure(teacher_ppl: float, rtn_ppl: float, student_ppl: float) -> float:
@@ -52,44 +56,56 @@ def gap_closure(teacher_ppl: float, rtn_ppl: float, student_ppl: float) -> float
     return (math.log(rtn_ppl) - math.log(student_ppl)) / gap if gap > 0 else float("nan")
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def select_adapter(location: str, requested: str | None, trust_remote_code: bool = False) -> ModelAdapter:
+    """The adapter for the teacher at ``location``, chosen from its config alone (no weights loaded):
+    ``requested`` (a name, or None / ``auto``) must serve the teacher's model_type."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise EdgeRazorError(f"cannot read the teacher's config from {location!r}: {exc}".splitlines()[0]) from None
+    return resolve_adapter(config.model_type, requested)
 
 
-def load_inputs(recipe: Recipe, teacher: str | None) -> RunInputs:
-    """Teacher, tokenizer and data for a user recipe (hub ids or local directories)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgerazor.data import build_datasets
-
+def load_inputs(recipe: Recipe, teacher: str | None, adapter: str | None = None) -> RunInputs:
+    """Teacher, tokenizer and data for a user recipe (hub ids or local directories), through its adapter."""
     location = teacher or recipe.model.teacher
     if not location:
         raise EdgeRazorError("no teacher: pass --teacher DIR_OR_HUB_ID or set model.teacher in the recipe")
-    console.print(f"[bold]loading teacher[/] {location}")
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=_dtype(recipe.model.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    train, evaluation = build_datasets(recipe.data, tokenizer)
+    trust = recipe.model.trust_remote_code
+    family = select_adapter(location, adapter or recipe.model.adapter, trust)
+    console.print(f"[bold]loading teacher[/] {location} (adapter {family.name})")
+    model = family.load_teacher(location, recipe.model.dtype, trust)
+    tokenizer = family.load_tokenizer(location, trust)
+    built = family.build_datasets(recipe.data, tokenizer)
+    train, evaluation = built
     if evaluation is None:
         raise EdgeRazorError("data.eval_fraction is 0: set it (e.g. 0.02) so the run can report held-out perplexity")
-    return RunInputs(model, location, tokenizer, train, evaluation)
+    return RunInputs(model, location, tokenizer, train, evaluation, family, getattr(built, "stats", None))
 
 
-def demo_inputs() -> RunInputs:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def demo_inputs(recipe: Recipe, adapter: str | None = None) -> RunInputs:
+    """The demo teacher and data that the recipe's ``demo:`` section describes (built once, then cached)."""
+    from edgerazor.data import DataStats, SourceStats
     from edgerazor.demo import prepare_demo
+    from edgerazor.recipe import DemoSection
 
-    assets = prepare_demo()
-    teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir)
-    tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
-    return RunInputs(teacher, str(assets.teacher_dir), tokenizer, assets.train_dataset, assets.eval_dataset)
+    assets = prepare_demo(settings=recipe.demo or DemoSection())
+    location = str(assets.teacher_dir)
+    family = select_adapter(location, adapter or recipe.model.adapter)
+    teacher = family.load_teacher(location)
+    tokenizer = family.load_tokenizer(location)
+    blocks = len(assets.train_dataset)
+    stdlib = SourceStats("Python standard library (demo)", "text", records=len(assets.meta["train_files"]),
+                         kept=blocks, drawn=blocks)
+    stats = DataStats([stdlib], assets.settings.teacher.seq_len, train=blocks, eval=len(assets.eval_dataset))
+    return RunInputs(teacher, location, tokenizer, assets.train_dataset, assets.eval_dataset, family, stats)
 
 
 def _build_student(inputs: RunInputs, recipe: Recipe) -> torch.nn.Module:
     if recipe.model.student:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(recipe.model.student, dtype=_dtype(recipe.model.dtype))
+        return inputs.adapter.load_student(recipe.model.student, recipe.model.dtype, recipe.model.trust_remote_code)
     return copy.deepcopy(inputs.teacher)
 
 
@@ -107,9 +123,43 @@ def save_atomically(model, tokenizer, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def gap_closure_fields(teacher_ppl: float, rtn_ppl: float, student_ppl: float) -> dict[str, Any]:
+    """``gap_closure`` for results.json: JSON has no NaN, so an undefined closure is null with the reason."""
+    closure = gap_closure(teacher_ppl, rtn_ppl, student_ppl)
+    if math.isfinite(closure):
+        return {"gap_closure": closure}
+    if not all(math.isfinite(p) for p in (teacher_ppl, rtn_ppl, student_ppl)):
+        why = (f"a perplexity is not finite (teacher {teacher_ppl}, round-to-nearest {rtn_ppl}, "
+               f"student {student_ppl})")
+    else:
+        why = (f"round-to-nearest perplexity ({rtn_ppl:.4g}) is not above the teacher's ({teacher_ppl:.4g}), "
+               "so there is no gap to close")
+    return {"gap_closure": None, "gap_closure_note": f"undefined: {why}"}
+
+
+def finite_json(value: Any, path: str = "", replaced: list[str] | None = None) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither); the key paths
+    replaced are appended to ``replaced``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if replaced is not None:
+            replaced.append(path or "(top level)")
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k), replaced) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, f"{path}[{i}]", replaced) for i, v in enumerate(value)]
+    return value
+
+
 def write_json_atomically(path: Path, data: dict) -> None:
+    """Write ``data`` as strict JSON: a non-finite float becomes null and its key is listed under
+    ``non_finite_as_null``; ``allow_nan=False`` refuses any that would still get through."""
+    replaced: list[str] = []
+    data = finite_json(data, replaced=replaced)
+    if replaced:
+        data["non_finite_as_null"] = replaced
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -117,7 +167,6 @@ def run(
     recipe: Recipe,
     inputs: RunInputs,
     output_dir: Path,
-    adapter: str | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Quantize, evaluate RTN, distil, evaluate, save; returns the results written to results.json."""
@@ -128,38 +177,101 @@ def run(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    if inputs.data_stats is not None:
+        print_data_summary(inputs.data_stats)
     start = time.perf_counter()
     student = _build_student(inputs, recipe)
-    report = quantize(student, recipe, adapter=adapter)
+    report = quantize(student, recipe, adapter=inputs.adapter)
     console.print(f"[bold]quantized[/] {len(report.layers)} layers to {report.w_a_kv}")
     teacher_ppl = perplexity(inputs.teacher, inputs.eval_dataset, recipe.train.per_device_batch_size)
     rtn_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size)
     console.print(f"teacher ppl {teacher_ppl:.2f}, round-to-nearest {report.w_a_kv} ppl {rtn_ppl:.2f}")
     trainer = distill(
         inputs.teacher, student, inputs.train_dataset, recipe, output_dir / "checkpoints",
-        DistillCollator(inputs.tokenizer), resume=resume,
+        DistillCollator(inputs.tokenizer), resume=resume, adapter=inputs.adapter, eval_dataset=inputs.eval_dataset,
     )
-    student_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size)
+    curve = training_curve(trainer.state.log_history)
+    final = curve["eval_perplexity"][-1] if curve["eval_perplexity"] else None
+    if final is not None and final["step"] == trainer.state.global_step:
+        student_ppl = final["perplexity"]  # the trainer just measured this very model, the same way
+    else:
+        student_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size)
     save_atomically(student, inputs.tokenizer, output_dir / "student")
     bits = count_bits(student)
     results = {
         "teacher_ppl": teacher_ppl,
         "rtn_ppl": rtn_ppl,
         "student_ppl": student_ppl,
-        "gap_closure": gap_closure(teacher_ppl, rtn_ppl, student_ppl),
+        **gap_closure_fields(teacher_ppl, rtn_ppl, student_ppl),
         "effective_bits": bits.effective_bits,
         "w_a_kv": report.w_a_kv,
         "compression_ratio": bits.compression_ratio,
         "quantized_fraction": bits.quantized_fraction,
         "train_steps": trainer.state.global_step,
+        "eval_perplexity": curve["eval_perplexity"],
+        "train_loss": curve["loss"],
+        "data": inputs.data_stats.to_dict() if inputs.data_stats is not None else None,
         "wall_seconds": time.perf_counter() - start,
         "recipe": recipe.model_dump(mode="json"),
         "teacher": inputs.teacher_location,
+        "adapter": inputs.adapter.name,
         "student": str(output_dir / "student"),
+        "training_plot": str(output_dir / "training.png"),
     }
+    plot_training(results, output_dir / "training.png")
     write_json_atomically(output_dir / "results.json", results)
     print_results(results)
     return results
+
+
+def training_curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """``{"loss": [{step, loss}], "eval_perplexity": [{step, perplexity}]}`` from the Trainer's log history."""
+    loss = [{"step": h["step"], "loss": h["loss"]} for h in log_history if "loss" in h and "step" in h]
+    ppl = [{"step": h["step"], "perplexity": h["eval_perplexity"]} for h in log_history if "eval_perplexity" in h]
+    return {"loss": loss, "eval_perplexity": ppl}
+
+
+def plot_training(results: dict[str, Any], path: Path) -> None:
+    """Training loss and held-out perplexity per step (step 0: the round-to-nearest student), as a PNG.
+
+    Drawn on matplotlib's Agg canvas directly, so the process's pyplot backend is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_ppl = fig.subplots(1, 2)
+    loss = results["train_loss"]
+    ax_loss.plot([p["step"] for p in loss], [p["loss"] for p in loss], marker="." if len(loss) < 30 else None)
+    ax_loss.set(title="training loss (eq. 1)", xlabel="step", ylabel="loss")
+    points = [(0, results["rtn_ppl"])] + [(p["step"], p["perplexity"]) for p in results["eval_perplexity"]]
+    if points[-1][0] != results["train_steps"]:
+        points.append((results["train_steps"], results["student_ppl"]))
+    ax_ppl.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"student {results['w_a_kv']}")
+    ax_ppl.axhline(results["teacher_ppl"], color="gray", linestyle="--", label="teacher")
+    ax_ppl.set(title="held-out perplexity (step 0: round-to-nearest)", xlabel="step", ylabel="perplexity")
+    ax_ppl.legend()
+    fig.suptitle(f"{results['recipe']['name']}: W-A-KV {results['w_a_kv']}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def print_data_summary(stats) -> None:
+    """Rows per source through every stage, so silently dropped or truncated data is visible."""
+    table = Table(
+        title=f"data: rows per source (max_length {stats.max_length})",
+        caption="capped: left out by max_samples; dropped as empty, or with no response token within "
+                "max_length; truncated: kept, cut at max_length; kept: rows (text: packed blocks)",
+    )
+    table.add_column("source [format]", overflow="fold")
+    for col in ("read", "capped", "empty", "no resp.", "truncated", "kept", "mixed"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in stats.sources:
+        table.add_row(f"{s.source} [{s.format}]", str(s.records), str(s.capped), str(s.empty), str(s.no_response),
+                      str(s.truncated), str(s.kept), str(s.drawn))
+    console.print(table)
+    console.print(f"train rows {stats.train}, eval rows {stats.eval}")
 
 
 def print_results(results: dict[str, Any]) -> None:
@@ -170,17 +282,24 @@ def print_results(results: dict[str, Any]) -> None:
     table.add_row(f"round-to-nearest {results['w_a_kv']}", f"{results['rtn_ppl']:.2f}")
     table.add_row(f"EdgeRazor {results['w_a_kv']}", f"{results['student_ppl']:.2f}")
     Console().print(table)
+    closure = results["gap_closure"]
+    closed = f"{closure:.1%}" if closure is not None else results.get("gap_closure_note", "undefined")
     Console().print(
-        f"log-perplexity gap closed: {results['gap_closure']:.1%}; effective bits {results['effective_bits']:.2f}; "
-        f"student saved to {results['student']}"
+        f"log-perplexity gap closed: {closed}; effective bits {results['effective_bits']:.2f}; "
+        f"student saved to {results['student']}; loss and perplexity curves in {results['training_plot']}"
     )
 
 
 def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | None, overrides: list[str],
                 output: Path | None, resume: bool) -> dict[str, Any]:
-    """The whole ``edgerazor run``: the built-in offline demo when no recipe and no teacher are given."""
-    demo = recipe_path is None and teacher is None
-    recipe = load_recipe(builtin_recipe("demo") if demo else recipe_path, overrides)
-    inputs = demo_inputs() if demo else load_inputs(recipe, teacher)
+    """The whole ``edgerazor run``: the built-in offline demo (configs/demo.yaml) when no recipe and no
+    teacher are given; a recipe with a ``demo:`` section and no teacher runs on the demo teacher too."""
+    builtin = recipe_path is None and teacher is None
+    recipe = load_recipe(builtin_recipe("demo") if builtin else recipe_path, overrides)
+    demo = recipe.demo is not None and not (teacher or recipe.model.teacher)
+    if demo and recipe.data.sources:
+        raise EdgeRazorError("the recipe has a demo: section and data.sources but no teacher: "
+                             "set model.teacher (or --teacher) to train on data.sources, or remove them")
+    inputs = demo_inputs(recipe, adapter) if demo else load_inputs(recipe, teacher, adapter)
     output_dir = output or Path("runs") / recipe.name
-    return run(recipe, inputs, output_dir, adapter=adapter, resume=resume)
+    return run(recipe, inputs, output_dir, resume=resume)

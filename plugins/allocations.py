@@ -6,10 +6,12 @@ import re
 import zlib
 from fnmatch import fnmatchcase
 from fractions import Fraction
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgerazor.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # torch is imported where a function needs it, so listing plugins stays fast
+    import torch
 
 
 def super_group_period(rho: float) -> int:
@@ -19,6 +21,8 @@ def super_group_period(rho: float) -> int:
 
 def super_group(d_out: int, rho: float, **context) -> torch.Tensor:
     """Row i is 4-bit iff ``i % round(1/rho) == 0`` (rho=1: all; rho=0: none)."""
+    import torch
+
     if rho <= 0:
         return torch.zeros(d_out, dtype=torch.bool)
     return torch.arange(d_out) % super_group_period(rho) == 0
@@ -26,6 +30,8 @@ def super_group(d_out: int, rho: float, **context) -> torch.Tensor:
 
 def stacked(d_out: int, rho: float, **context) -> torch.Tensor:
     """Ablation: the first ``round(rho * d_out)`` rows are 4-bit."""
+    import torch
+
     mask = torch.zeros(d_out, dtype=torch.bool)
     mask[: round(rho * d_out)] = True
     return mask
@@ -33,6 +39,8 @@ def stacked(d_out: int, rho: float, **context) -> torch.Tensor:
 
 def random(d_out: int, rho: float, seed: int = 0, layer_name: str = "", **context) -> torch.Tensor:
     """Ablation: a seeded random subset of ``round(rho * d_out)`` rows, different per layer."""
+    import torch
+
     # torch's CPU generator keeps only the low 32 bits of a seed, so fold seed and layer into 32 bits
     # (crc32 is a bijection of its start value: distinct seeds mod 2**32 give distinct generators).
     generator = torch.Generator().manual_seed(zlib.crc32(layer_name.encode(), seed % 2**32))
@@ -80,6 +88,8 @@ def per_tensor(d_out: int, rho: float, layer_name: str = "", high_patterns=None,
     ``rho`` when ``L*rho`` is an integer. Option ``high_patterns`` (list of globs on the module
     name) replaces the rule: matching tensors are 4-bit, the others ternary, whatever ``rho`` is.
     """
+    import torch
+
     if high_patterns is not None:
         if isinstance(high_patterns, str):
             high_patterns = [high_patterns]

@@ -6,14 +6,18 @@ Each returns a constant (no gradient): ``L_logit = w * KL(P_T||P_S) + (1 - w) * 
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgerazor.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # torch is imported where a function needs it, so listing plugins stays fast
+    import torch
 
 
 def _sequence_mean(values: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Mean over sequences of each sequence's mean over its response tokens."""
+    import torch
+
     if values.numel() == 0:
         return values.new_zeros(())
     _, dense = torch.unique(seq_index, return_inverse=True)
@@ -42,11 +46,15 @@ def cakld(stats, **options) -> torch.Tensor:
 
 def forward(stats, **options) -> torch.Tensor:
     """Forward KL only (FKLD)."""
+    import torch
+
     return torch.ones((), dtype=stats.entropy.dtype)
 
 
 def reverse(stats, **options) -> torch.Tensor:
     """Reverse KL only."""
+    import torch
+
     return torch.zeros((), dtype=stats.entropy.dtype)
 
 

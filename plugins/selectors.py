@@ -7,14 +7,18 @@ stream after decoder layer l, before the final norm. Layers are numbered 1..L.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgerazor.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # torch is imported where a function needs it, so listing plugins stays fast
+    import torch
 
 
 def layer_cosines(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """``c_l = mean_t cos(F^(l)_t, F^(l-1)_t)`` over valid positions, for l = 1..L (returned 0-based)."""
+    import torch
+
     valid = mask.bool()
     cos = [
         torch.nn.functional.cosine_similarity(cur[valid].float(), prev[valid].float(), dim=-1).mean()
@@ -25,6 +29,8 @@ def layer_cosines(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> 
 
 def adaptive(teacher_hidden_states: Sequence[torch.Tensor], mask: torch.Tensor, k: int = 3, **options) -> list[int]:
     """The k layers whose output changes the residual stream most (lowest c_l), recomputed per batch."""
+    import torch
+
     with torch.no_grad():
         c = layer_cosines(teacher_hidden_states, mask)
     k = min(k, c.numel())

@@ -1,37 +1,25 @@
-"""Shared fixtures: tiny random-weight models built from real transformers configs."""
+"""Shared fixtures: tiny random-weight models built from real transformers configs (see tests/helpers.py)."""
 
 from __future__ import annotations
 
-import os
+import importlib
+import importlib.metadata
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_qwen3_config(**overrides) -> Qwen3Config:
-    kwargs = dict(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
-        max_position_embeddings=256,
-    )
-    kwargs.update(overrides)
-    return Qwen3Config(**kwargs)
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    """MobileLLM-like: Llama module names, tied embeddings, GQA."""
-    kwargs = dict(
-        vocab_size=384, hidden_size=192, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
-        max_position_embeddings=256,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+from edgerazor.plugin_manager import reload_plugins
+from tests.helpers import (
+    PLUGIN_DIR, PLUGIN_EP, PLUGIN_MODULE, PLUGINS_ENV, forget_plugin_modules, require_shared, tiny_llama_config,
+    tiny_qwen3_config,
+)
 
 
 @pytest.fixture
@@ -48,9 +36,54 @@ def tiny_llama() -> LlamaForCausalLM:
 
 @pytest.fixture
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        message = f"{SHARED} is absent: the shared data folder must sit beside the repository"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI always has it: absence is a broken set-up, not a skip
-        pytest.skip(message)
-    return SHARED
+    return require_shared()
+
+
+# ---------------------------------------------------------------- the real third-party distribution
+
+
+@pytest.fixture
+def restore_plugins(monkeypatch):
+    """Undo the test's sys.path / environment changes, then rebuild the process-wide plugin system."""
+    yield monkeypatch
+    monkeypatch.undo()
+    forget_plugin_modules()
+    importlib.invalidate_caches()
+    system = reload_plugins()
+    assert PLUGIN_EP not in dict(system.pm.list_name_plugin())
+
+
+def _build_backend_available() -> bool:
+    """Whether setuptools here can build a wheel without build isolation (bdist_wheel built in, or wheel)."""
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    major_minor = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    return major_minor >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> Path:
+    """tests/thirdparty_plugin installed with pip into a private site directory."""
+    root = tmp_path_factory.mktemp("thirdparty")
+    source = root / "src"
+    shutil.copytree(PLUGIN_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = root / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check", "-q"]
+    if _build_backend_available():
+        cmd.append("--no-build-isolation")  # fast and offline; otherwise pip fetches setuptools itself
+    proc = subprocess.run([*cmd, "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (site / PLUGIN_MODULE / "__init__.py").is_file()
+    assert list(site.glob("edgerazor_example_plugin-0.2.0.dist-info"))
+    return site
+
+
+@pytest.fixture
+def example_plugin(plugin_site, restore_plugins):
+    monkeypatch = restore_plugins
+    monkeypatch.delenv(PLUGINS_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(plugin_site))
+    forget_plugin_modules()
+    return reload_plugins()

@@ -7,9 +7,8 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _positive(value) -> bool:

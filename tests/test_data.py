@@ -7,7 +7,6 @@ masks by decoding exactly the labelled tokens, not by counting them.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -29,19 +28,12 @@ from edgerazor.data import (
 )
 from edgerazor.data.sources import is_local, quotas
 from edgerazor.errors import EdgeRazorError
-from tests.conftest import SHARED
+from edgerazor.recipe import load_recipe
+from tests.helpers import REPO, SHARED, require_shared
 from tests.tokenizer_utils import CHATML_TEMPLATE, IM_END, train_tiny_tokenizer
 
 GSM8K = SHARED / "data" / "gsm8k" / "train.jsonl"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
-
-
-def _require_shared() -> None:
-    if not SHARED.is_dir():
-        message = f"{SHARED} is absent: the shared data folder must sit beside the repository"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +46,7 @@ def private_datasets_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shakespeare() -> str:
-    _require_shared()
+    require_shared()
     return SHAKESPEARE.read_text()
 
 
@@ -123,7 +115,7 @@ def test_prompt_separator_is_part_of_the_prompt_and_response_only_false_trains_e
 
 
 def test_gsm8k_as_a_real_prompt_response_source(tok):
-    _require_shared()
+    require_shared()
     src = DataSource(
         path=str(GSM8K), format="prompt_response", prompt_field="question", response_field="answer",
         prompt_separator="\n", max_samples=24,
@@ -374,6 +366,48 @@ def test_rows_are_truncated_to_max_length_and_prompt_only_rows_dropped(tmp_path,
     assert row["input_ids"] == (encode(tok, "Speak:") + encode(tok, shakespeare[:2000]))[:48]
 
 
+def test_build_datasets_counts_what_happened_to_every_row(tmp_path, tok, shakespeare):
+    """Known rows through read, max_samples, drops (and why), truncation, mixture and eval split."""
+    long = shakespeare[:2000]
+    pr_rows = [{"prompt": p, "response": r} for p, r in PAIRS[:2]] + [
+        {"prompt": "Speak:", "response": long},  # kept, cut at max_length
+        {"prompt": long, "response": "x"},  # the response lies beyond max_length: dropped
+        {"prompt": "Silence?", "response": ""},  # empty: dropped
+        {"prompt": "Think.", "response": "<think>hmm</think>"},  # empty after strip_think: dropped
+    ]
+    pr = write_jsonl(tmp_path / "pr.jsonl", pr_rows)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": long}, {"text": ""}, {"text": long}])
+    fine = write_jsonl(tmp_path / "fine.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS + PAIRS[:2]])
+    sources = (DataSource(path=str(pr), format="prompt_response"), DataSource(path=str(text)),
+               DataSource(path=str(fine), format="prompt_response", max_samples=2))
+    built = build_datasets(section(*sources, max_length=48, strip_think=True, eval_fraction=0.5), tok)
+    pr_stats, text_stats, fine_stats = built.stats.sources
+    assert (pr_stats.records, pr_stats.capped, pr_stats.empty, pr_stats.no_response, pr_stats.truncated,
+            pr_stats.kept) == (6, 0, 2, 1, 1, 3)
+    assert pr_stats.dropped == 3 and pr_stats.source == f"data.sources[0] ({str(pr)!r})"
+    assert tok.bos_token_id is None and tok.eos_token_id is not None  # documents are ids + eos, no bos
+    blocks = 2 * (len(encode(tok, long)) + 1) // 48
+    assert (text_stats.records, text_stats.empty, text_stats.kept, text_stats.truncated) == (3, 1, blocks, 0)
+    assert (fine_stats.records, fine_stats.capped, fine_stats.kept, fine_stats.dropped) == (5, 3, 2, 0)
+    # equal ratios: the smallest source (2 rows) sets 2 rows each; half of the 6 held out
+    assert [s.drawn for s in built.stats.sources] == [2, 2, 2]
+    train, held = built
+    assert (built.stats.train, built.stats.eval) == (len(train), len(held)) == (3, 3)
+    as_json = json.loads(json.dumps(built.stats.to_dict()))
+    assert as_json["sources"][0]["dropped"] == 3 and as_json["max_length"] == 48 and as_json["eval"] == 3
+
+
+def test_example_own_model_recipe_stays_valid():
+    """configs/example-own-model.yaml, the README's complete example, validates and shows each kind of source."""
+    recipe = load_recipe(REPO / "configs" / "example-own-model.yaml")
+    sources = recipe.data.sources
+    assert [s.format for s in sources] == ["chat", "prompt_response", "text"]
+    assert [is_local(s.path) for s in sources] == [True, True, False]  # two local paths, one hub id
+    assert sources[1].prompt_separator == "\n" and sources[1].max_samples == 20000 and sources[2].name
+    assert recipe.data.eval_fraction > 0 and recipe.train.eval_steps and recipe.model.teacher
+    assert recipe.quant.w_a_kv == "1.88-8-8"
+
+
 # ----------------------------------------------------------------------------------------- collator
 
 
@@ -417,7 +451,7 @@ def test_missing_file(tmp_path, tok):
 
 
 def test_missing_field_names_the_field_and_the_available_ones(tok):
-    _require_shared()
+    require_shared()
     src = DataSource(path=str(GSM8K), format="prompt_response", response_field="answer", max_samples=5)
     with pytest.raises(DataError, match=r"prompt_field='prompt' is not a column.*the rows have: question, answer"):
         build_dataset(section(src), tok)

@@ -7,40 +7,47 @@ slice of the standard library) and every test reads them; the end-to-end test al
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from pathlib import Path
 
 import datasets
+import matplotlib.image
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edgerazor
 import edgerazor.demo as demo
-from edgerazor.demo import DemoSettings, collate_blocks, module_name, prepare_demo, split_corpus, stdlib_files
+from edgerazor.cli import main
+from edgerazor.demo import collate_blocks, module_name, prepare_demo, split_corpus, stdlib_files
+from edgerazor.errors import EdgeRazorError, RecipeError
 from edgerazor.eval import perplexity
-from edgerazor.recipe import load_recipe
+from edgerazor.recipe import DemoSection, load_recipe
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
-TINY = DemoSettings(
-    vocab_size=384, seq_len=64, held_out=("json", "csv", "textwrap"), train_chars=60_000, eval_blocks=12,
-    hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
-    teacher_steps=4, teacher_batch_size=4, teacher_warmup_steps=1, seed=0,
-)
+#: configs/demo.yaml's demo section shrunk with --set overrides, as a user would.
+TINY_DEMO_OVERRIDES = [
+    "demo.corpus.vocab_size=384", "demo.corpus.held_out=[json, csv, textwrap]", "demo.corpus.train_chars=60000",
+    "demo.corpus.eval_blocks=12", "demo.teacher.seq_len=64", "demo.teacher.hidden_size=64",
+    "demo.teacher.intermediate_size=128", "demo.teacher.num_layers=2", "demo.teacher.num_heads=2",
+    "demo.teacher.num_kv_heads=1", "demo.teacher.head_dim=32", "demo.pretrain.steps=4", "demo.pretrain.batch_size=4",
+    "demo.pretrain.warmup_steps=1",
+]
+TINY = load_recipe(REPO / "configs" / "demo.yaml", TINY_DEMO_OVERRIDES).demo
 #: configs/demo.yaml scaled to the tiny model: G=64 divides hidden 64 and intermediate 128.
 TINY_RECIPE_OVERRIDES = [
     "quant.weight.group_size=64", "train.max_steps=2", "train.per_device_batch_size=4",
-    "train.logging_steps=1", "train.save_steps=2",
+    "train.logging_steps=1", "train.save_steps=1", "train.save_total_limit=2", "train.eval_steps=1",
 ]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Build the tiny assets twice, counting teacher trainings; yields both results."""
-    root = tmp_path_factory.mktemp("demo-cache")
+    root = tmp_path_factory.mktemp("cache") / "demo"  # what default_cache_root() is under EDGERAZOR_CACHE
     calls = []
     real = demo.train_teacher
 
@@ -72,14 +79,49 @@ def test_cache_is_reused(built):
     # only the finished entry is left: the temporary build directory was renamed into place
     assert [p.name for p in built["root"].iterdir()] == [first.cache_dir.name]
     meta = json.loads((first.cache_dir / "meta.json").read_text())
-    assert meta["settings"] == TINY.to_dict() and meta["teacher_ppl"] == first.teacher_ppl
+    assert meta["settings"] == TINY.model_dump(mode="json") and meta["teacher_ppl"] == first.teacher_ppl
 
 
 def test_cache_key_follows_the_settings(built):
     corpus = split_corpus(TINY)
-    other = dataclasses.replace(TINY, teacher_steps=TINY.teacher_steps + 1)
     assert demo.cache_key(TINY, corpus) == built["first"].cache_dir.name
-    assert demo.cache_key(other, split_corpus(other)) != demo.cache_key(TINY, corpus)
+    # the same settings reached another way (a fresh parse) give the same key: the cache is reused
+    again = load_recipe(REPO / "configs" / "demo.yaml", TINY_DEMO_OVERRIDES).demo
+    assert demo.cache_key(again, corpus) == demo.cache_key(TINY, corpus)
+    for change in ({"pretrain": {"steps": 5}}, {"teacher": {"num_layers": 1}}, {"corpus": {"eval_blocks": 11}},
+                   {"pretrain": {"learning_rate": 1e-3}}, {"seed": 1}):
+        other = DemoSection.model_validate(_merged(TINY.model_dump(), change))
+        assert demo.cache_key(other, split_corpus(other)) != demo.cache_key(TINY, corpus), change
+
+
+def _merged(base: dict, change: dict) -> dict:
+    return {k: _merged(v, change[k]) if isinstance(v, dict) and k in change else change.get(k, v) for k, v in base.items()}
+
+
+def test_default_settings_hash_as_before_the_recipe_section():
+    """The defaults are the teacher every earlier release built: the flat mapping the cache key hashes
+    is unchanged, so an existing ~/.cache/edgerazor/demo entry is still found."""
+    assert demo.key_settings(DemoSection()) == {
+        "hidden_size": 256, "intermediate_size": 768, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+        "head_dim": 64, "seq_len": 256, "vocab_size": 4096,
+        "held_out": ["argparse", "csv", "difflib", "fractions", "heapq", "json", "pprint", "shlex", "statistics",
+                     "textwrap"],
+        "train_chars": None, "eval_blocks": 192, "teacher_steps": 1000, "teacher_lr": 0.002, "teacher_batch_size": 4,
+        "teacher_warmup_steps": 50, "teacher_min_lr_ratio": 0.1, "teacher_weight_decay": 0.1, "seed": 0,
+    }
+    # the built-in recipe spells out exactly these defaults
+    assert load_recipe(REPO / "configs" / "demo.yaml").demo == DemoSection()
+    assert DemoSection.model_fields["corpus"].annotation.model_fields["vocab_size"].metadata[0].ge == (
+        256 + len(demo.SPECIAL_TOKENS))
+
+
+def test_demo_settings_are_validated_recipe_keys():
+    with pytest.raises(RecipeError, match="demo.teacher.layers: unknown key; allowed here: .*num_layers"):
+        load_recipe(REPO / "configs" / "demo.yaml", ["demo.teacher.layers=2"])
+    with pytest.raises(RecipeError, match="multiple of num_kv_heads"):
+        load_recipe(REPO / "configs" / "demo.yaml", ["demo.teacher.num_kv_heads=3"])
+    with pytest.raises(ValidationError, match="frozen"):
+        TINY.teacher.num_layers = 3
 
 
 def test_teacher_dir_loads_with_auto_classes(built):
@@ -87,8 +129,8 @@ def test_teacher_dir_loads_with_auto_classes(built):
     model = AutoModelForCausalLM.from_pretrained(assets.teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
     assert model.config.model_type == "qwen3" and type(model).__name__ == "Qwen3ForCausalLM"
-    assert model.config.vocab_size == len(tokenizer) == TINY.vocab_size
-    assert (model.config.hidden_size, model.config.num_hidden_layers) == (TINY.hidden_size, TINY.num_layers)
+    assert model.config.vocab_size == len(tokenizer) == TINY.corpus.vocab_size
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (TINY.teacher.hidden_size, TINY.teacher.num_layers)
     assert tokenizer.eos_token == demo.EOS and tokenizer.pad_token == demo.PAD
     assert model.config.eos_token_id == tokenizer.eos_token_id != tokenizer.pad_token_id == model.config.pad_token_id
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
@@ -106,7 +148,7 @@ def test_teacher_dir_loads_with_auto_classes(built):
 
 def test_held_out_modules_are_not_in_the_training_corpus(built):
     corpus = split_corpus(TINY)
-    held = set(TINY.held_out)
+    held = set(TINY.corpus.held_out)
     assert corpus.held_out and {module_name(p) for p in corpus.held_out} == held
     assert not {module_name(p) for p in corpus.train} & held
     assert sorted(corpus.train + corpus.held_out) == stdlib_files()  # a partition of the stdlib
@@ -127,9 +169,9 @@ def test_datasets_are_packed_blocks(built):
     assets = built["first"]
     for ds in (assets.train_dataset, assets.eval_dataset):
         assert isinstance(ds, datasets.Dataset) and {"input_ids", "labels"} <= set(ds.column_names)
-        assert all(len(row) == TINY.seq_len for row in ds["input_ids"])
+        assert all(len(row) == TINY.teacher.seq_len for row in ds["input_ids"])
         assert ds["labels"] == ds["input_ids"]
-    assert len(assets.eval_dataset) == TINY.eval_blocks
+    assert len(assets.eval_dataset) == TINY.corpus.eval_blocks
 
 
 def test_perplexity_matches_transformers_loss(built):
@@ -180,14 +222,15 @@ def test_demo_recipe_validates():
     assert recipe.distill.selector == "adaptive" and recipe.distill.kl_mixer == "eakld"
     assert recipe.quant.embedding.quantizer == recipe.quant.lm_head.quantizer == "int4"
     g = recipe.quant.weight.group_size
-    s = DemoSettings()
+    s = recipe.demo.teacher
     for dim in (s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim):  # every input dim of the teacher
         assert dim % g == 0, f"group size {g} does not divide {dim}"
     assert s.head_dim % (recipe.quant.kv_cache.group_size or s.head_dim) == 0
 
 
+@pytest.mark.slow
 def test_demo_path_end_to_end(built, tmp_path):
-    """prepare_demo (cached) -> RTN student -> 2 distillation steps -> perplexities."""
+    """prepare_demo (cached) -> RTN student -> 2 distillation steps, held-out perplexity after each."""
     from edgerazor.distill import distill
 
     assets = prepare_demo(built["root"], TINY, progress=False)
@@ -197,10 +240,51 @@ def test_demo_path_end_to_end(built, tmp_path):
     student = copy.deepcopy(teacher)
     edgerazor.quantize(student, recipe)
     rtn = perplexity(student, assets.eval_dataset, progress=False)
-    trainer = distill(teacher, student, assets.train_dataset, recipe, tmp_path / "run", collate_blocks, disable_tqdm=True)
-    distilled = perplexity(student, assets.eval_dataset, progress=False)
+    trainer = distill(teacher, student, assets.train_dataset, recipe, tmp_path / "run", collate_blocks,
+                      eval_dataset=assets.eval_dataset, disable_tqdm=True)
+    batch = recipe.train.per_device_batch_size
+    distilled = perplexity(student, assets.eval_dataset, batch, progress=False)
     assert trainer.state.global_step == 2
+    # train.eval_steps=1: the student's held-out perplexity at steps 1 and 2, logged beside the losses,
+    # equal to an independent perplexity() of the checkpoint saved at that step
+    evals = {h["step"]: h["eval_perplexity"] for h in trainer.state.log_history if "eval_perplexity" in h}
+    assert sorted(evals) == [1, 2] and evals[2] == distilled and evals[1] != evals[2]
+    for step, logged in evals.items():
+        saved, _ = edgerazor.load(tmp_path / "run" / f"checkpoint-{step}")
+        assert perplexity(saved, assets.eval_dataset, batch, progress=False) == logged
     assert all(math.isfinite(x) and x > 1 for x in (assets.teacher_ppl, rtn, distilled))
     assert rtn != assets.teacher_ppl  # the student really is quantized
     logged = [h for h in trainer.state.log_history if "loss_logit" in h]
     assert logged and all(math.isfinite(h["loss"]) for h in logged)
+    with pytest.raises(EdgeRazorError, match="train.eval_steps is set but there is no eval dataset"):
+        distill(teacher, student, assets.train_dataset, recipe, tmp_path / "run2", collate_blocks)
+
+
+def test_edgerazor_run_is_the_demo_recipe_reachable_with_set(built, tmp_path, monkeypatch, capsys):
+    """``edgerazor run --set demo....``: configs/demo.yaml with overrides, on the cached demo teacher those
+    settings name; eval_steps gives the perplexity curve, results.json and training.png hold it."""
+    monkeypatch.setenv("EDGERAZOR_CACHE", str(built["root"].parent))
+    out = tmp_path / "out"
+    sets = [arg for o in TINY_DEMO_OVERRIDES + TINY_RECIPE_OVERRIDES for arg in ("--set", o)]
+    assert main(["run", "--output", str(out), *sets]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"] == str(built["first"].teacher_dir)  # the cached teacher: nothing rebuilt
+    assert [p.name for p in built["root"].iterdir()] == [built["first"].cache_dir.name]
+    assert results["recipe"]["demo"] == TINY.model_dump(mode="json") and results["recipe"]["name"] == "demo"
+    assert [p["step"] for p in results["eval_perplexity"]] == [1, 2]
+    assert results["student_ppl"] == results["eval_perplexity"][-1]["perplexity"]
+    assert results["teacher_ppl"] == pytest.approx(built["first"].teacher_ppl, rel=1e-6)
+    assert [p["step"] for p in results["train_loss"]] == [1, 2]
+    data = results["data"]
+    assert data["eval"] == TINY.corpus.eval_blocks and data["train"] == len(built["first"].train_dataset)
+    assert data["sources"][0]["records"] == len(built["first"].meta["train_files"])
+    assert "eval rows 12" in capsys.readouterr().err
+    image = matplotlib.image.imread(out / "training.png")
+    assert image.shape[:2] == (400, 1000)  # 10 x 4 inches at 100 dpi: a PNG matplotlib reads back
+
+
+def test_a_recipe_with_a_demo_section_and_data_needs_a_teacher(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ndemo: {}\ndata:\n  sources: [{path: corpus.txt}]\n")
+    assert main(["run", "--recipe", str(path)]) == 2
+    assert "demo: section and data.sources but no teacher" in capsys.readouterr().err

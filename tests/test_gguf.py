@@ -8,6 +8,8 @@ file decoded with gguf-py's own reference ``gguf.quants.dequantize``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +27,7 @@ from edgerazor.errors import EdgeRazorError
 from edgerazor.export.gguf import LLAMA3_REGEX, QWEN2_REGEX, detect_pre_tokenizer, encode, write_gguf
 from edgerazor.plugin_manager import get_plugins
 from edgerazor.quant.modules import QuantEmbedding, QuantLinear
-from tests.conftest import tiny_qwen3_config
+from tests.helpers import tiny_qwen3_config
 from tests.tokenizer_utils import CHATML_TEMPLATE, train_tiny_tokenizer
 
 TEXTS = ["Hello world, it's 2024!", "The quick brown fox jumps over 123 lazy dogs.\n", "ternary weights are fun"] * 4
@@ -197,10 +199,18 @@ def test_qwen3_mixed_auto_is_exact_q4_0_with_notes_and_metadata(tmp_path, qwen_t
     assert types["token_embd.weight"] == "Q4_0" and types["output_norm.weight"] == "F32"
     assert "output.weight" not in types  # tied embeddings: llama.cpp reuses token_embd
     assert not list(tmp_path.glob("*.tmp"))
-    # the note names the tensor and the size cost; it is printed too
+    # the note names the tensor and the size cost; the console gets one summary table instead
     mixed = [n for n in report.notes if "blk.0.attn_q.weight" in n]
     assert mixed and "mixes precisions" in mixed[0] and "4.500 bits/weight" in mixed[0]
-    assert "note: blk.0.attn_q.weight" in capsys.readouterr().out
+    fallbacks = [t for t in report.tensors if t.fallback]
+    summary = report.fallback_summary()
+    assert sum(r["tensors"] for r in summary) == len(fallbacks) == len([n for n in report.notes if "losslessly" in n])
+    own = sum(t.theoretical_bits * math.prod(t.shape) / 8 for t in fallbacks)
+    assert sum(r["extra_bytes"] for r in summary) == pytest.approx(sum(t.n_bytes for t in fallbacks) - own, abs=len(summary))
+    assert {r["ggml_type"] for r in summary} == {"Q4_0"} and all(r["bits_per_weight"] == 4.5 for r in summary)
+    out = capsys.readouterr().out
+    assert "note: blk." not in out and out.count("GGUF lossless fallbacks") == 1
+    assert f"{len(fallbacks)} tensors" in out
     entry = {t.name: t for t in report.tensors}["blk.0.attn_q.weight"]
     assert entry.fallback and entry.bits_per_weight == 4.5
     assert entry.theoretical_bits == pytest.approx(0.125 * 4 + 0.875 * 1.58 + 16 / 64)
@@ -231,10 +241,11 @@ def test_strict_refuses_a_mixed_layer_and_leaves_the_old_file(tmp_path, qwen_tok
     model = make_qwen3()
     edgerazor.quantize(model, recipe(0.125, 64))
     path = tmp_path / "m.gguf"
-    path.write_bytes(b"old")
+    write_gguf(model, qwen_tok, path, quiet=True)
+    old = path.read_bytes()
     with pytest.raises(EdgeRazorError, match=r"strict GGUF export refuses tensor 'blk\.0\.attn_q\.weight'.*mixes"):
-        write_gguf(model, qwen_tok, path, strict=True)
-    assert path.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp"))
+        write_gguf(model, qwen_tok, path, strict=True, overwrite=True)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
 @pytest.mark.parametrize("requested,ternary_type", [("auto", "TQ2_0"), ("tq1_0", "TQ1_0"), ("q4_0", "Q4_0")])
@@ -266,8 +277,8 @@ def test_per_tensor_allocation_exports_pure_tensors_strictly(tmp_path, qwen_tok)
     assert report.bits_per_weight() < 4.5
 
 
-def test_llama_permutation_exact_and_g64_ternary_falls_back(tmp_path):
-    from tests.conftest import tiny_llama_config
+def test_llama_permutation_exact_and_g64_ternary_falls_back_only_when_not_asked_for(tmp_path):
+    from tests.helpers import tiny_llama_config
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -275,7 +286,11 @@ def test_llama_permutation_exact_and_g64_ternary_falls_back(tmp_path):
     edgerazor.quantize(model, recipe(0.0, 64))  # MobileLLM-style G=64: TQ blocks (256) cannot hold it
     tok = llama3_tokenizer()
     path = tmp_path / "l.gguf"
-    report = write_gguf(model, tok, path, type="tq2_0")
+    # an explicit TQ2_0 that a tensor cannot take is refused, naming the tensor; nothing is written
+    with pytest.raises(EdgeRazorError, match=r"GGUF type 'tq2_0' cannot hold tensor 'blk\.0\.attn_q\.weight'.*G=64"):
+        write_gguf(model, tok, path, type="tq2_0")
+    assert not list(tmp_path.iterdir())
+    report = write_gguf(model, tok, path)  # auto: the lossless fallback, with a note
     types = assert_bit_exact(model, path)  # q/k compared after llama.cpp's rotary permutation
     assert types["blk.0.attn_q.weight"] == "Q4_0"
     assert any("is not exact in TQ2_0" in n and "G=64" in n for n in report.notes)
@@ -286,7 +301,7 @@ def test_llama_permutation_exact_and_g64_ternary_falls_back(tmp_path):
     assert field(reader, "tokenizer.ggml.add_bos_token") is True
     assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
     with pytest.raises(EdgeRazorError, match=r"strict GGUF export refuses tensor 'blk\.0\.attn_q\.weight'"):
-        write_gguf(model, tok, tmp_path / "s.gguf", type="tq2_0", strict=True)
+        write_gguf(model, tok, tmp_path / "s.gguf", strict=True)
     # the permutation really moves rows (a no-op permutation would make the check above vacuous)
     q = model.model.layers[0].self_attn.q_proj
     w = q.weight_quant.dequantized(q.weight).numpy()
@@ -407,3 +422,58 @@ def test_per_tensor_rule_and_patterns():
     assert fn(3, 0.0, layer_name="model.layers.0.self_attn.v_proj", **pats).all()
     assert fn(3, 1.0, layer_name="model.layers.1.mlp.up_proj", **pats).all()
     assert not fn(3, 1.0, layer_name="model.layers.0.mlp.up_proj", **pats).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing safely and reading back
+# ------------------------------------------------------------------------------------------------
+
+
+def test_existing_files_are_kept_unless_a_previous_export_is_replaced_on_request(tmp_path, qwen_tok):
+    from edgerazor.errors import OutputExistsError
+    from edgerazor.export.gguf.check import EXPORTER_KEY
+    from edgerazor.version import __version__
+
+    model = make_qwen3()
+    edgerazor.quantize(model, recipe(1.0, 64))
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"my own file")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="mine.gguf already exists"):
+            write_gguf(model, qwen_tok, mine, overwrite=overwrite, quiet=True)
+    assert mine.read_bytes() == b"my own file"
+    path = tmp_path / "m.gguf"
+    write_gguf(model, qwen_tok, path, quiet=True)
+    reader, _ = read(path)
+    assert field(reader, EXPORTER_KEY) == __version__  # how --overwrite recognises its own file
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        write_gguf(model, qwen_tok, path, quiet=True)
+    other = make_qwen3(num_hidden_layers=1)
+    edgerazor.quantize(other, recipe(1.0, 64))
+    write_gguf(other, qwen_tok, path, overwrite=True, quiet=True)
+    assert field(read(path)[0], "qwen3.block_count") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "mine.gguf"]
+
+
+def test_the_file_is_read_back_before_it_is_moved_into_place(tmp_path, qwen_tok, monkeypatch):
+    """A file that does not hold what was planned (here: a wrong expected digest) never reaches its path."""
+    from edgerazor.errors import GGUFFormatError
+    from edgerazor.export.gguf import writer as writer_mod
+    from edgerazor.export.gguf.check import ExpectedTensor, check_gguf, tensor_expectations
+
+    model = make_qwen3()
+    edgerazor.quantize(model, recipe(0.125, 64))
+    good = tmp_path / "good.gguf"
+    report = write_gguf(model, qwen_tok, good, quiet=True)
+    expected = tensor_expectations(read(good)[0])
+    assert {n: (t.ggml_type, t.shape, t.n_bytes) for n, t in expected.items()} == {
+        t.name: (t.ggml_type, t.shape, t.n_bytes) for t in report.tensors}
+    check_gguf(good, expected)
+    name = "blk.0.ffn_up.weight"
+    wrong_shape = {**expected, name: ExpectedTensor("Q4_0", (256, 64), expected[name].n_bytes)}
+    with pytest.raises(GGUFFormatError, match=r"tensor 'blk.0.ffn_up.weight' has shape \(256, 128\), expected \(256, 64\)"):
+        check_gguf(good, wrong_shape)
+    monkeypatch.setattr(writer_mod, "_sha256", lambda data: "0" * 64)
+    with pytest.raises(GGUFFormatError, match="differs from what was written"):
+        write_gguf(model, qwen_tok, tmp_path / "bad.gguf", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.gguf"]  # no file, no temporary left

@@ -45,12 +45,13 @@ import pytest
 import torch
 
 import edgerazor
-from edgerazor.demo import DemoSettings, pack_blocks, prepare_demo, train_teacher, train_tokenizer
+from edgerazor.demo import pack_blocks, prepare_demo, train_teacher, train_tokenizer
+from edgerazor.recipe import DemoSection
 from edgerazor import llama_cpp as lc
 from edgerazor.llama_cpp import build as lc_build
 from edgerazor.llama_cpp.agreement import Agreement, compare
 from edgerazor.export.gguf import write_gguf
-from tests.conftest import SHARED, tiny_llama_config
+from tests.helpers import SHARED, tiny_llama_config
 
 _BUILT = lc.find_llama_cpp()
 _BINDINGS = lc.llama_cpp_python_available()
@@ -72,11 +73,13 @@ TOP1_MIN_AS_TRAINED = 0.95  # llama.cpp vs the A8/KV8 runtime: limited by the mo
 #: A small demo teacher (edgerazor.demo): Qwen3, hidden 256 / intermediate 768 (multiples of G=256),
 #: 2 layers, head_dim 64, a Qwen2-pre-tokenizer BPE, pretrained briefly on the Python standard
 #: library; cached by prepare_demo (keyed by these settings), so only the first run trains it.
-DEMO = DemoSettings(
-    vocab_size=1024, seq_len=256, held_out=("json", "csv", "textwrap"), train_chars=400_000, eval_blocks=8,
-    hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-    teacher_steps=80, teacher_batch_size=4, teacher_warmup_steps=8, seed=0,
-)
+DEMO = DemoSection.model_validate({
+    "teacher": {"hidden_size": 256, "intermediate_size": 768, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                "head_dim": 64, "seq_len": 256},
+    "corpus": {"vocab_size": 1024, "held_out": ["json", "csv", "textwrap"], "train_chars": 400_000, "eval_blocks": 8},
+    "pretrain": {"steps": 80, "batch_size": 4, "warmup_steps": 8},
+    "seed": 0,
+})
 #: configs/demo.yaml's W1.88-A8-KV8 with G=256 for the linears and KV groups of 32 (llama.cpp's
 #: q8_0 block). super_group mixes 4-bit and ternary rows in every tensor (written as exact Q4_0);
 #: per_tensor gives pure tensors (TQ2_0 for the ternary ones, so llama.cpp's Q8_K path runs too).
@@ -171,6 +174,7 @@ def quantized(teacher, recipe: dict):
 # logits on the demo model (Qwen3)
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 @pytest.mark.parametrize("allocation", list(RECIPES))
 def test_demo_qwen3_logits_match_packed_runtime(demo_teacher, held_out_code, tmp_path, allocation):
@@ -194,6 +198,7 @@ TRICKY = (
 )
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 def test_tokenization_equals_hf(demo_teacher, held_out_code, shakespeare, tmp_path):
     teacher, tokenizer = demo_teacher
@@ -212,6 +217,7 @@ def test_tokenization_equals_hf(demo_teacher, held_out_code, shakespeare, tmp_pa
     assert lc.llama_cpp_tokenize(path, chat, parse_special=True) == tokenizer.encode(chat, add_special_tokens=False)
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_cpp_refuses_an_unknown_pre_tokenizer(demo_teacher, tmp_path):
     """The GGUF names its pre-tokenizer; llama.cpp refuses a name it does not implement rather than
@@ -234,8 +240,10 @@ def test_llama_cpp_refuses_an_unknown_pre_tokenizer(demo_teacher, tmp_path):
 # Llama architecture (MobileLLM-like: deep-thin, GQA, tied embeddings, G=64), on tinyshakespeare
 
 
-LLAMA_TRAIN = DemoSettings(vocab_size=512, seq_len=256, teacher_steps=60, teacher_batch_size=8,
-                           teacher_warmup_steps=6, teacher_lr=5e-3, seed=0)
+LLAMA_TRAIN = DemoSection.model_validate({
+    "teacher": {"seq_len": 256}, "corpus": {"vocab_size": 512},
+    "pretrain": {"steps": 60, "batch_size": 8, "warmup_steps": 6, "learning_rate": 5e-3}, "seed": 0,
+})
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +253,13 @@ def shakespeare_llama(shakespeare):
 
     train_text, held_out = shakespeare[:-40_000], shakespeare[-40_000:]
     chunks = [train_text[i:i + 20_000] for i in range(0, 400_000, 20_000)]
-    tokenizer = train_tokenizer(chunks, LLAMA_TRAIN.vocab_size)
+    tokenizer = train_tokenizer(chunks, LLAMA_TRAIN.corpus.vocab_size)
     ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(chunks, add_special_tokens=False)]
-    blocks = torch.tensor(pack_blocks(ids, tokenizer.eos_token_id, LLAMA_TRAIN.seq_len))
+    blocks = torch.tensor(pack_blocks(ids, tokenizer.eos_token_id, LLAMA_TRAIN.teacher.seq_len))
     torch.manual_seed(0)
     config = tiny_llama_config(
         vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=3, num_key_value_heads=1, head_dim=64, max_position_embeddings=LLAMA_TRAIN.seq_len,
+        num_attention_heads=3, num_key_value_heads=1, head_dim=64, max_position_embeddings=LLAMA_TRAIN.teacher.seq_len,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
@@ -261,6 +269,7 @@ def shakespeare_llama(shakespeare):
     return model.eval(), tokenizer, held_out
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_mobilellm_logits_match_packed_runtime(shakespeare_llama, tmp_path):
     teacher, tokenizer, held_out = shakespeare_llama
@@ -273,6 +282,26 @@ def test_llama_mobilellm_logits_match_packed_runtime(shakespeare_llama, tmp_path
     check(result)
     text = held_out[:5000]
     assert lc.llama_cpp_tokenize(result.report.path, text) == tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_generic_adapter_mistral_logits_match_packed_runtime(shakespeare_llama, tmp_path):
+    """A family with no adapter of its own (Mistral) goes through the generic adapter to llama.cpp."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    teacher, tokenizer, held_out = shakespeare_llama
+    config = MistralConfig(**{k: v for k, v in teacher.config.to_dict().items()
+                              if k in MistralConfig().to_dict() and k not in ("model_type", "architectures")})
+    config.sliding_window = None
+    mistral = MistralForCausalLM(config)
+    mistral.load_state_dict(teacher.state_dict())  # a Llama's weights: same modules, same computation
+    model = quantized(mistral, {"quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64},
+                                          "kv_cache": {"group_size": 32}}})
+    assert model.config.edgerazor["adapter"] == "generic"
+    result = run_both(model, tokenizer, window(tokenizer, held_out), tmp_path / "mistral", kv_types=("f32", "f16"))
+    assert result.report.arch == "llama"
+    check(result)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +325,7 @@ def test_cache_entries_are_found_without_building(tmp_path, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("must not build")
 
-    monkeypatch.setattr(lc, "_build", no_build)
+    monkeypatch.setattr(lc_build, "_build", no_build)
     assert lc.find_llama_cpp(cache_dir=tmp_path) is None
     entry_dir = fake_entry(tmp_path, ("llama-bench", "llama-quantize"))
     found = lc.find_llama_cpp(("llama-bench",), cache_dir=tmp_path)

@@ -70,6 +70,44 @@ def test_corrupted_bytes_are_detected():
         pack.unpack_int4(np.array([0x80], np.uint8), 2)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_generic_symmetric_codec_round_trips(data):
+    qmax = data.draw(st.integers(1, 127))
+    codes = data.draw(arrays(np.int8, shapes, elements=st.integers(-qmax, qmax)))
+    pack_fn, unpack_fn, held, bits = pack.get_codec(f"sym{qmax}")
+    width = qmax.bit_length() + 1  # the bits of 2 * qmax
+    assert (held, bits) == (qmax, float(width))
+    packed = pack_fn(codes)
+    assert packed.dtype == np.uint8 and packed.shape == (*codes.shape[:-1], -(-codes.shape[-1] * width // 8))
+    np.testing.assert_array_equal(unpack_fn(packed, codes.shape[-1]), codes)
+
+
+def test_generic_symmetric_codec_layout_and_errors():
+    # sym3: q + 3 in 3 bits, little-endian stream: fields 0, 6, 3 -> bits 000 011 110 -> bytes 0xF0, 0x00
+    assert pack.pack_symmetric(np.array([-3, 3, 0]), 3).tolist() == [0b11110000, 0]
+    # sym1 is the 2-bit ternary stream (padding aside)
+    codes = np.array([-1, 0, 1, 1, 0, -1, 1, 0])
+    assert pack.pack_symmetric(codes, 1).tolist() == pack.pack_ternary_2bit(codes).tolist()
+    with pytest.raises(ValueError, match=r"codes must lie in \[-3, 3\]"):
+        pack.pack_symmetric(np.array([4]), 3)
+    with pytest.raises(ValueError, match="field value 7 > 6"):
+        pack.unpack_symmetric(np.array([0b111], np.uint8), 1, 3)
+    with pytest.raises(ValueError, match=r"unknown codec 'sym0'"):
+        pack.get_codec("sym0")
+    assert pack.symmetric_qmax("sym03") is None and pack.symmetric_qmax("sym128") is None
+
+
+def test_codec_for_a_quantizer():
+    assert pack.codec_for(3) == "sym3" and pack.codec_for(1) == "sym1"
+    assert pack.codec_for(1, "ternary_base3") == "ternary_base3" and pack.codec_for(7, "int4") == "int4"
+    assert pack.codec_for(5, "int4") == "int4" and pack.codec_for(3, "sym7") == "sym7"  # a wider codec holds it
+    with pytest.raises(ValueError, match=r"codec 'ternary_base3' holds codes in \[-1, 1\], not \[-7, 7\]"):
+        pack.codec_for(7, "ternary_base3")
+    with pytest.raises(ValueError, match="unknown codec 'int5'"):
+        pack.codec_for(7, "int5")
+
+
 def test_scales_must_be_fp16_values():
     ok = np.array([0.5, 1.0009765625], np.float32)
     assert pack.pack_scales(ok).dtype == np.float16

@@ -8,12 +8,9 @@ import importlib.metadata
 import importlib.util
 import inspect
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import sysconfig
 import types
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,12 +24,12 @@ from edgerazor import PluginError, hookimpl, hookspecs, plugin_manager
 from edgerazor.adapters import ModelAdapter
 from edgerazor.cli import main as cli_main
 from edgerazor.plugin_manager import DEFAULT_PLUGINS, PLUGINS_ENV, REGISTRY_SPECS, PluginSystem, reload_plugins
+from tests.helpers import (
+    PLUGIN_DIST, PLUGIN_EP, PLUGIN_MODULE, PLUGIN_VERSION, REPO, console_script as _console_script,
+    env_with as _env_with,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "plugins.md"
-PLUGIN_DIR = REPO / "tests" / "thirdparty_plugin"
-PLUGIN_MODULE = "edgerazor_example_plugin"
-PLUGIN_DIST, PLUGIN_VERSION, PLUGIN_EP = "edgerazor-example-plugin", "0.2.0", "example"
 
 BUILTINS = {  # (registry, name) -> the DEFAULT_PLUGINS module that registers it (a subset of them)
     ("quantizers", "ternary"): "edgerazor.plugins.quantizers",
@@ -61,17 +58,6 @@ def _plugin(**hooks) -> types.SimpleNamespace:
 
 def _ok_allocation(d_out, rho, **context):
     return torch.ones(d_out, dtype=torch.bool)
-
-
-@pytest.fixture
-def restore_plugins(monkeypatch):
-    """Undo the test's sys.path / environment changes, then rebuild the process-wide plugin system."""
-    yield monkeypatch
-    monkeypatch.undo()
-    sys.modules.pop(PLUGIN_MODULE, None)
-    importlib.invalidate_caches()
-    system = reload_plugins()
-    assert PLUGIN_EP not in dict(system.pm.list_name_plugin())
 
 
 # ---------------------------------------------------------------- built-ins use the public hooks
@@ -164,7 +150,7 @@ def test_unknown_name_lists_available_choices(tiny_qwen3):
     # and through the public API, from a recipe
     with pytest.raises(PluginError, match=r"unknown allocations entry 'nope'; available: .*super_group"):
         edgerazor.quantize(tiny_qwen3, {"quant": {"weight": {"allocation": "nope", "group_size": 64}}})
-    with pytest.raises(PluginError, match=r"unknown adapters entry 'phi9'; available: mobilellm, qwen3"):
+    with pytest.raises(PluginError, match=r"unknown adapters entry 'phi9'; available: generic, mobilellm, qwen3"):
         edgerazor.quantize(tiny_qwen3, {"model": {"adapter": "phi9"}})
 
 
@@ -359,42 +345,6 @@ def test_docs_examples_are_valid_plugins():
 # ---------------------------------------------------------------- a real third-party distribution
 
 
-def _build_backend_available() -> bool:
-    """Whether setuptools here can build a wheel without build isolation (bdist_wheel built in, or wheel)."""
-    try:
-        version = importlib.metadata.version("setuptools")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    major_minor = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
-    return major_minor >= (70, 1) or importlib.util.find_spec("wheel") is not None
-
-
-@pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory) -> Path:
-    """tests/thirdparty_plugin installed with pip into a private site directory."""
-    root = tmp_path_factory.mktemp("thirdparty")
-    source = root / "src"
-    shutil.copytree(PLUGIN_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = root / "site"
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check", "-q"]
-    if _build_backend_available():
-        cmd.append("--no-build-isolation")  # fast and offline; otherwise pip fetches setuptools itself
-    proc = subprocess.run([*cmd, "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
-    assert (site / PLUGIN_MODULE / "__init__.py").is_file()
-    assert list(site.glob("edgerazor_example_plugin-0.2.0.dist-info"))
-    return site
-
-
-@pytest.fixture
-def example_plugin(plugin_site, restore_plugins):
-    monkeypatch = restore_plugins
-    monkeypatch.delenv(PLUGINS_ENV, raising=False)
-    monkeypatch.syspath_prepend(str(plugin_site))
-    sys.modules.pop(PLUGIN_MODULE, None)
-    return reload_plugins()
-
-
 def _expected_mask(d_out: int, rho: float, parity: int = 1) -> list[bool]:
     """The plugin's documented pattern, written independently: rows of one parity from the end."""
     order = [i for i in reversed(range(d_out)) if i % 2 == parity] + [
@@ -494,20 +444,6 @@ def test_cli_plugins_json_lists_every_plugin(example_plugin, capsys):
         "hooks": ["register_allocations", "register_losses"],
         "registers": {"allocations": ["every_other"], "losses": ["logit_l2"]},
     }
-
-
-def _console_script() -> str:
-    script = shutil.which("edgerazor", path=sysconfig.get_path("scripts")) or shutil.which("edgerazor")
-    assert script, "the edgerazor console script is not installed (pip install -e .)"
-    return script
-
-
-def _env_with(site: Path | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != PLUGINS_ENV}
-    env["COLUMNS"] = "240"  # rich: do not truncate the table
-    if site is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
-    return env
 
 
 def test_console_script_plugins(plugin_site):

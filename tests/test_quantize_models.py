@@ -24,7 +24,7 @@ from edgerazor import EdgeRazorError, QuantizationError
 from edgerazor.quant import QuantEmbedding, QuantLinear
 from edgerazor.quant.kv import KVFakeQuant
 
-from conftest import tiny_llama_config, tiny_qwen3_config
+from tests.helpers import tiny_llama_config, tiny_qwen3_config
 
 EPS = 1e-5
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -15,7 +15,7 @@ from edgerazor.eval.perplexity import perplexity
 from edgerazor.run import builtin_recipe, gap_closure
 from edgerazor.quant import QuantLinear
 from edgerazor.recipe import load_recipe
-from tests.conftest import tiny_qwen3_config
+from tests.helpers import tiny_qwen3_config
 from tests.tokenizer_utils import train_tiny_tokenizer
 
 
@@ -32,13 +32,14 @@ def teacher_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_run_recipe_end_to_end(teacher_dir, tmp_path, capsys):
     recipe = {
         "name": "tiny",
         "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}},
         "data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}], "max_length": 32, "eval_fraction": 0.25},
         "train": {"max_steps": 3, "per_device_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_steps": 2},
+                  "save_steps": 2, "eval_steps": 1},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -53,7 +54,17 @@ def test_run_recipe_end_to_end(teacher_dir, tmp_path, capsys):
     assert results["teacher"] == str(teacher_dir)
     assert results["gap_closure"] == pytest.approx(
         gap_closure(results["teacher_ppl"], results["rtn_ppl"], results["student_ppl"]))
-    assert "held-out perplexity" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "held-out perplexity" in captured.out
+    # the data summary: one .txt file is one document, packed into blocks, a quarter held out
+    data = results["data"]
+    assert data["sources"][0]["records"] == 1 and data["sources"][0]["kept"] == data["sources"][0]["drawn"]
+    assert data["train"] + data["eval"] == data["sources"][0]["drawn"] and data["eval"] == round(data["mixture"] / 4)
+    assert f"train rows {data['train']}, eval rows {data['eval']}" in captured.err
+    # eval_steps=1: held-out perplexity after each step; the last one is the student's
+    assert [p["step"] for p in results["eval_perplexity"]] == [1, 2]
+    assert results["eval_perplexity"][-1]["perplexity"] == results["student_ppl"]
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     model, tokenizer = edgerazor.load(out / "student")
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
@@ -62,7 +73,8 @@ def test_run_recipe_end_to_end(teacher_dir, tmp_path, capsys):
     from edgerazor.data import build_datasets
 
     _, evaluation = build_datasets(load_recipe(out / "recipe.yaml").data, tokenizer)
-    assert perplexity(model, evaluation, 4, progress=False) == pytest.approx(results["student_ppl"], rel=1e-5)
+    assert len(evaluation) == data["eval"]
+    assert perplexity(model, evaluation, 4, progress=False) == results["student_ppl"]
     assert not list(out.glob("student.*")), "no temporary save directories left behind"
 
 

@@ -16,7 +16,7 @@ from edgerazor.hookspecs import hookimpl
 from edgerazor.plugin_manager import get_plugins
 from edgerazor.quant.kv import KVFakeQuant
 from edgerazor.recipe import recipe_from_dict
-from tests.conftest import tiny_qwen3_config
+from tests.helpers import tiny_qwen3_config
 
 
 def collate(rows):

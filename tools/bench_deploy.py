@@ -88,14 +88,15 @@ def export_variants(args, base, tokenizer, llama) -> dict[str, dict]:
         path = args.out / (name.split()[0].replace("-", "_").lower() + ".gguf")
         t0 = time.perf_counter()
         if quant is None:
-            write_gguf(base, tokenizer, path, float_type="bf16", quiet=True)
+            # overwrite: a rerun replaces this tool's own earlier exports (anything else there is refused)
+            write_gguf(base, tokenizer, path, float_type="bf16", quiet=True, overwrite=True)
         else:
             model = copy.deepcopy(base)
             quant = {**quant, "weight": {**quant.get("weight", {}), "group_size": args.group_size}}
             edgerazor.quantize(model, {"quant": quant})
-            write_gguf(model, tokenizer, path, type=gguf_type, quiet=True)
+            write_gguf(model, tokenizer, path, type=gguf_type, quiet=True, overwrite=True)
             if name.startswith("per-tensor"):
-                export_packed(model, tokenizer, args.out / "packed")
+                export_packed(model, tokenizer, args.out / "packed", overwrite=True)
             del model
         files[name] = {"path": str(path), "export_seconds": time.perf_counter() - t0}
         print(f"exported {name}: {path.stat().st_size / 2**20:.1f} MiB", flush=True)

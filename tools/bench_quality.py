@@ -81,9 +81,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from edgerazor.demo import (
-    TeacherShape, blocks_dataset, default_cache_root, pretraining_optimizer, pretraining_step, teacher_config,
-)
+from edgerazor.demo import blocks_dataset, default_cache_root, pretraining_optimizer, pretraining_step, teacher_config
+from edgerazor.recipe import DemoTeacher
 from edgerazor.run import gap_closure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,10 +95,11 @@ TARGET_CLOSURE = 0.80
 
 
 @dataclass(frozen=True)
-class TeacherSettings(TeacherShape):
-    """Everything that decides the teacher (its hash names the cache directory); the shape's input
-    dims must be multiples of the quantizer's group size (256)."""
+class TeacherSettings:
+    """Everything that decides the teacher (its hash names the cache directory). The shape is the
+    recipe's ``demo.teacher`` section; its input dims must be multiples of the quantizer's group size (256)."""
 
+    shape: DemoTeacher = DemoTeacher()
     # data
     vocab_size: int = 4096
     heldout_articles: int = 12
@@ -120,12 +120,14 @@ class TeacherSettings(TeacherShape):
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat, the shape's fields beside the others (the mapping the cache key has always hashed)."""
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "shape"}
+        return {**self.shape.model_dump(mode="json"), **rest}
 
 
 QUICK_TEACHER = TeacherSettings(
-    vocab_size=1024, seq_len=128, heldout_articles=4, eval_blocks=16, shakespeare=False,
-    intermediate_size=512, num_layers=2, lr=3e-3, batch_size=8, warmup_steps=10, eval_every=20, patience=1,
+    shape=DemoTeacher(seq_len=128, intermediate_size=512, num_layers=2),
+    vocab_size=1024, heldout_articles=4, eval_blocks=16, shakespeare=False, lr=3e-3, batch_size=8, warmup_steps=10, eval_every=20, patience=1,
     max_drops=1, max_steps=400,
 )
 
@@ -204,25 +206,25 @@ def build_data(settings: TeacherSettings, data_dir: Path, out: Path) -> dict[str
     train_texts, held_texts, stats = load_texts(settings, data_dir)
     t = time.perf_counter()
     tokenizer = train_tokenizer(train_texts, settings.vocab_size)  # held-out text never reaches it
-    tokenizer.model_max_length = settings.seq_len
+    tokenizer.model_max_length = settings.shape.seq_len
     backend = tokenizer.backend_tokenizer
     train_ids = [e.ids for e in backend.encode_batch(train_texts, add_special_tokens=False)]
     held_ids = [e.ids for e in backend.encode_batch(held_texts, add_special_tokens=False)]
-    train_blocks = pack_blocks(train_ids, tokenizer.eos_token_id, settings.seq_len)
-    held_blocks = pack_blocks(held_ids, tokenizer.eos_token_id, settings.seq_len)
+    train_blocks = pack_blocks(train_ids, tokenizer.eos_token_id, settings.shape.seq_len)
+    held_blocks = pack_blocks(held_ids, tokenizer.eos_token_id, settings.shape.seq_len)
     if len(held_blocks) < settings.eval_blocks:
         raise SystemExit(f"only {len(held_blocks)} held-out blocks, eval_blocks={settings.eval_blocks}")
     eval_blocks = held_blocks[: settings.eval_blocks]  # a fixed slice: the first N blocks
     stats.update(vocab=len(tokenizer), train_tokens=sum(map(len, train_ids)), train_blocks=len(train_blocks),
                  heldout_blocks=len(held_blocks), eval_blocks=len(eval_blocks),
-                 eval_tokens=len(eval_blocks) * settings.seq_len,
+                 eval_tokens=len(eval_blocks) * settings.shape.seq_len,
                  chars_per_token=stats["train_chars"] / max(sum(map(len, train_ids)), 1),
                  tokenize_seconds=time.perf_counter() - t)
     tokenizer.save_pretrained(out / "tokenizer")
     torch.save({"train": torch.tensor(train_blocks, dtype=torch.long),
                 "eval": torch.tensor(eval_blocks, dtype=torch.long), "stats": stats}, out / "data.pt")
     _log(f"data: {stats['train_tokens'] / 1e6:.2f}M training tokens ({len(train_blocks)} blocks), "
-         f"{len(eval_blocks)} held-out eval blocks of {settings.seq_len}; vocab {len(tokenizer)}, "
+         f"{len(eval_blocks)} held-out eval blocks of {settings.shape.seq_len}; vocab {len(tokenizer)}, "
          f"{stats['chars_per_token']:.2f} chars/token")
     return stats
 
@@ -266,7 +268,7 @@ def train_teacher(settings: TeacherSettings, work: Path, max_minutes: float) -> 
     data = torch.load(work / "data.pt")
     train_blocks, eval_ds = data["train"], blocks_dataset(data["eval"].tolist())
     torch.manual_seed(settings.seed)
-    model = Qwen3ForCausalLM(teacher_config(settings, tokenizer, vocab_size=len(tokenizer)))
+    model = Qwen3ForCausalLM(teacher_config(settings.shape, tokenizer, len(tokenizer)))
     optimizer = pretraining_optimizer(model, settings.lr, settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     state: dict[str, Any] = {"step": 0, "lr": settings.lr, "best": math.inf, "best_step": 0, "bad": 0, "drops": 0,
@@ -285,8 +287,8 @@ def train_teacher(settings: TeacherSettings, work: Path, max_minutes: float) -> 
         _log(f"teacher: resuming at step {state['step']} (best held-out ppl {state['best']:.2f}, "
              f"{state['train_seconds'] / 60:.1f} min trained)")
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"teacher: Qwen3 {settings.num_layers} layers, hidden {settings.hidden_size}, {n_params / 1e6:.2f}M "
-         f"parameters; batch {settings.batch_size}x{settings.seq_len}; eval every {settings.eval_every} steps")
+    _log(f"teacher: Qwen3 {settings.shape.num_layers} layers, hidden {settings.shape.hidden_size}, "
+         f"{n_params / 1e6:.2f}M parameters; batch {settings.batch_size}x{settings.shape.seq_len}; eval every {settings.eval_every} steps")
 
     def set_lr(step: int) -> None:
         warm = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
@@ -344,7 +346,7 @@ def train_teacher(settings: TeacherSettings, work: Path, max_minutes: float) -> 
                     state["converged"] = True
                     note += "; converged"
         state["curve"].append({"step": state["step"], "ppl": ppl, "lr": optimizer.param_groups[0]["lr"],
-                               "tokens": state["step"] * settings.batch_size * settings.seq_len,
+                               "tokens": state["step"] * settings.batch_size * settings.shape.seq_len,
                                "minutes": state["train_seconds"] / 60, "epoch": state["epoch"]})
         _log(f"teacher step {state['step']}: held-out ppl {ppl:.2f} (best {state['best']:.2f} at "
              f"{state['best_step']}; train loss {sum(recent) / len(recent):.3f}; epoch {state['epoch']}) {note}")
@@ -614,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alphas", default=None, help="task,feature,logit for the distilled cells (default 0.1,0.1,2.0)")
     parser.add_argument("--teacher-max-minutes", type=float, default=None,
                         help="wall-clock cap on teacher training in this run (it resumes next run)")
-    parser.add_argument("--teacher-set", action="append", default=[], help="TeacherSettings field=value")
+    parser.add_argument("--teacher-set", action="append", default=[],
+                        help="TeacherSettings or demo.teacher (shape) field=value")
     parser.add_argument("--cells", default=None, help="comma list like '1.88:SG+A+E,1.88:QAT-CE' (default: all)")
     parser.add_argument("--qat-bits", default="2.79,2.19,1.88", help="bit-widths with a QAT-CE baseline")
     parser.add_argument("--eval-every", type=int, default=0, help="held-out ppl every N steps inside a cell")
@@ -632,14 +635,15 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     tsettings = QUICK_TEACHER if quick else TeacherSettings()
     if args.teacher_set:
-        fields = {f.name for f in dataclasses.fields(TeacherSettings)}
-        values = {}
+        shape_fields = set(DemoTeacher.model_fields)
+        fields = {f.name for f in dataclasses.fields(TeacherSettings)} - {"shape"} | shape_fields
+        values, shape = {}, tsettings.shape.model_dump()
         for pair in args.teacher_set:
             key, sep, raw = pair.partition("=")
             if not sep or key not in fields:
                 raise SystemExit(f"--teacher-set {pair!r}: expected one of {', '.join(sorted(fields))}")
-            values[key] = yaml.safe_load(raw)
-        tsettings = dataclasses.replace(tsettings, **values)
+            (shape if key in shape_fields else values)[key] = yaml.safe_load(raw)
+        tsettings = dataclasses.replace(tsettings, shape=DemoTeacher.model_validate(shape), **values)
     train = TrainSettings(steps=6, batch_size=4, lr=2e-3) if quick else TrainSettings()
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps)
@@ -674,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_ppl = float(assets.meta["teacher_ppl"])
     measured = _ppl(teacher, eval_ds)
     _log(f"teacher: held-out ppl {teacher_ppl:.2f} (re-measured {measured:.2f}); converged: {assets.meta['converged']}")
-    head_dim = tsettings.head_dim
+    head_dim = tsettings.shape.head_dim
 
     rows: list[dict[str, Any]] = []
     bits_needed = sorted({b for b, _ in cells}, reverse=True)
@@ -730,9 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         target["beats_qat_ce"] = main_cell["ppl"] < qat_cell["ppl"]
         target["met"] = bool(target["closure_met"] and target["beats_qat_ce"] and assets.meta["converged"])
 
-    tokens = train.steps * train.batch_size * tsettings.seq_len
-    title = (f"EdgeRazor quality benchmark: Table 4 in miniature ({tsettings.num_layers}-layer Qwen3, "
-             f"{train.steps} steps x {train.batch_size} x {tsettings.seq_len} = {tokens / 1e3:.0f}k tokens per cell)")
+    tokens = train.steps * train.batch_size * tsettings.shape.seq_len
+    title = (f"EdgeRazor quality benchmark: Table 4 in miniature ({tsettings.shape.num_layers}-layer Qwen3, "
+             f"{train.steps} steps x {train.batch_size} x {tsettings.shape.seq_len} = {tokens / 1e3:.0f}k tokens per cell)")
     from rich.console import Console
 
     console = Console()

@@ -23,10 +23,11 @@ PACKAGES = {"edgerazor": "edgerazor", "plugins": "edgerazor.plugins", "model_ada
 #: The pipeline's stages in order; a module may import only from its own stage or earlier ones.
 #: Matching is by the longest prefix. ``edgerazor`` itself (the package facade) is exempt.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("edgerazor.errors", "edgerazor.hookspecs", "edgerazor.adapters", "edgerazor.plugin_manager",
-              "edgerazor.version")),
+    ("core", ("edgerazor.errors", "edgerazor.hookspecs", "edgerazor.plugin_manager", "edgerazor.version",
+              "edgerazor.progress")),
     ("recipe", ("edgerazor.recipe", "edgerazor.shapes")),
     ("data", ("edgerazor.data",)),
+    ("adapters", ("edgerazor.adapters",)),
     ("quant", ("edgerazor.quant",)),
     ("eval", ("edgerazor.eval",)),
     ("distill", ("edgerazor.distill",)),

@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 import torch
 
+from edgerazor.data.stats import SourceStats
 from edgerazor.errors import DataError
 from edgerazor.recipe import DataSection, DataSource
 
@@ -224,11 +225,16 @@ def _messages(value: Any, where: str, row: int, strip: bool) -> list[dict]:
 
 
 def format_source(
-    raw: datasets.Dataset, source: DataSource, section: DataSection, tokenizer, index: int | None = None
+    raw: datasets.Dataset, source: DataSource, section: DataSection, tokenizer, index: int | None = None,
+    stats: SourceStats | None = None,
 ) -> datasets.Dataset:
-    """Tokenize one source's records into ``input_ids`` / ``labels`` rows of at most ``max_length``."""
+    """Tokenize one source's records into ``input_ids`` / ``labels`` rows of at most ``max_length``.
+
+    ``stats``, when given, receives how many rows were dropped (and why), truncated and kept.
+    """
     where = source.describe(index)
     L = section.max_length
+    stats = stats if stats is not None else SourceStats(where, source.format)
     if source.format == "text":
         texts = raw[source.text_field]
         bad = next((row for row, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
@@ -236,6 +242,8 @@ def format_source(
             kind = type(texts[bad]).__name__
             raise DataError(f"{where}: row {bad}: text_field={source.text_field!r} holds {kind}, not text")
         blocks = pack_text(texts, tokenizer, L, source.max_samples)
+        stats.empty = sum(1 for t in texts if not (t and t.strip()))
+        stats.kept = len(blocks)
         if not blocks:
             raise DataError(
                 f"{where}: empty after packing: {len(raw)} documents in text_field={source.text_field!r} give fewer "
@@ -290,14 +298,17 @@ def format_source(
                 ids_all.append(ids)
                 labels_all.append(span_labels(ids, enc["offset_mapping"][k], spans))
 
-    kept_ids, kept_labels, truncated = [], [], 0
+    kept_ids, kept_labels, truncated, cut = [], [], 0, 0
     for ids, labels in zip(ids_all, labels_all):
+        long = len(ids) > L
         ids, labels = ids[:L], labels[:L]
         if all(x == IGNORE_INDEX for x in labels):
             truncated += 1
             continue
+        cut += long
         kept_ids.append(ids)
         kept_labels.append(labels)
+    stats.empty, stats.no_response, stats.truncated, stats.kept = empty, truncated, cut, len(kept_ids)
     if not kept_ids:
         what = "response" if source.format == "prompt_response" else "assistant turn"
         raise DataError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -19,20 +20,17 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from edgerazor.distill.console import use_log_lines
 from edgerazor.distill.features import record_residual_stream
+from edgerazor.adapters import ModelAdapter, adapter_for_model
 from edgerazor.errors import EdgeRazorError
+from edgerazor.progress import library_bars_off
+from edgerazor.eval.perplexity import perplexity
 from edgerazor.distill.objective import ModelOutputs, check_vocabularies, distillation_loss
 from edgerazor.recipe import Recipe, dump_recipe
 
 COMPLETE_MARKER = "edgerazor_checkpoint_complete"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def decoder_layers(model: nn.Module, path: str) -> nn.ModuleList:
-    layers = model.get_submodule(path)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{path!r} of {type(model).__name__} is not the decoder's layer list")
-    return layers
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -55,13 +53,15 @@ class DistillationTrainer(Trainer):
     # compute_loss divides by the global response-token count, so the Trainer must not rescale.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher: nn.Module, recipe: Recipe, layers_path: str = "model.layers", **kwargs):
+    def __init__(self, *args, teacher: nn.Module, recipe: Recipe, adapter: str | ModelAdapter | None = None, **kwargs):
         self.recipe = recipe
-        self.layers_path = layers_path
+        # LAFD reads the residual stream from the decoder layer list the model family's adapter names
+        self.adapter = adapter_for_model(kwargs["model"], adapter)
         # We checkpoint-rotate ourselves, after the completion marker is written.
         self._keep = kwargs["args"].save_total_limit
         kwargs["args"].save_total_limit = None
         super().__init__(*args, **kwargs)
+        use_log_lines(self)  # log lines show numbers, not transformers' quoted strings
         self.model_accepts_loss_kwargs = True  # so the Trainer counts num_items_in_batch for us
         check_vocabularies(self.model.config.get_text_config().vocab_size, teacher.config.get_text_config().vocab_size)
         self.teacher = teacher.eval().requires_grad_(False)
@@ -73,7 +73,7 @@ class DistillationTrainer(Trainer):
     def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ModelOutputs:
         model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         inner = model.module if hasattr(model, "module") else model
-        with record_residual_stream(decoder_layers(inner, self.layers_path)) as states:
+        with record_residual_stream(self.adapter.decoder_layers(inner)) as states:
             logits = model(**model_inputs, use_cache=False).logits
         return ModelOutputs(logits, states)
 
@@ -101,6 +101,24 @@ class DistillationTrainer(Trainer):
             self._layer_counts.clear()
             self._count = 0
         super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out perplexity of the student (what a run reports), not the distillation loss.
+
+        The Trainer calls this every ``train.eval_steps`` steps and at the last step; the metrics
+        (``eval_perplexity``) go into ``state.log_history`` beside the training losses.
+        """
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        start = time.perf_counter()
+        ppl = perplexity(self.model, dataset, self.args.per_device_eval_batch_size, progress=False)
+        metrics = {f"{metric_key_prefix}_perplexity": ppl, f"{metric_key_prefix}_seconds": time.perf_counter() - start}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save(self, *args, **kwargs):
+        with library_bars_off():  # no "Writing model shards" bar at every checkpoint
+            return super()._save(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -143,6 +161,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, **overrides) -> T
         optim="adamw_torch",
         activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -165,15 +185,23 @@ def distill(
     output_dir: str | Path,
     data_collator,
     resume: bool | str | Path = False,
-    layers_path: str = "model.layers",
+    adapter: str | ModelAdapter | None = None,
     callbacks=None,
+    eval_dataset=None,
     **argument_overrides,
 ):
-    """Distil ``teacher`` into the (already quantized) ``student``; returns the trainer after training."""
+    """Distil ``teacher`` into the (already quantized) ``student``; returns the trainer after training.
+
+    With ``train.eval_steps`` set, the student's perplexity on ``eval_dataset`` is measured every
+    that many steps and at the end (``eval_perplexity`` entries of ``trainer.state.log_history``).
+    """
+    if recipe.train.eval_steps and eval_dataset is None:
+        raise EdgeRazorError("train.eval_steps is set but there is no eval dataset: pass eval_dataset or unset it")
     args = training_arguments(recipe, output_dir, **argument_overrides)
     trainer = DistillationTrainer(
-        model=student, teacher=teacher, recipe=recipe, layers_path=layers_path, args=args,
-        train_dataset=train_dataset, data_collator=data_collator, callbacks=callbacks,
+        model=student, teacher=teacher, recipe=recipe, adapter=adapter, args=args,
+        train_dataset=train_dataset, eval_dataset=eval_dataset if recipe.train.eval_steps else None,
+        data_collator=data_collator, callbacks=callbacks,
     )
     checkpoint = None
     if resume:

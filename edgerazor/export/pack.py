@@ -5,8 +5,12 @@ Layouts (little-endian within a byte, along the last axis; the last byte is zero
 - ternary, base 3: five trits per byte, ``byte = sum_k (q_k + 1) * 3**k`` (0..242): 1.6 bits/weight.
 - int4: ``q + 8`` in [1, 15] (q in [-7, 7]); element ``i`` in the low nibble when ``i`` is even.
 - int8: the codes themselves, as bytes.
+- ``sym{qmax}`` (generic, any 1 <= qmax <= 127): ``q + qmax`` in ``w = (2 * qmax).bit_length()`` bits as
+  one little-endian bit stream per row: bit ``b`` of element ``i`` is stream bit ``i * w + b``, and stream
+  bit ``j`` is bit ``j % 8`` of byte ``j // 8`` (``sym3``: 3 bits per code, 8 codes in 3 bytes).
 - masks: one bit per row, ``numpy.packbits(..., bitorder="little")``.
-Every unpack takes the original length ``n`` of the last axis.
+Every unpack takes the original length ``n`` of the last axis. ``codec_for`` picks a quantizer's codec:
+the one it declares (``codec``), else ``sym{qmax}``.
 """
 
 from __future__ import annotations
@@ -130,3 +134,70 @@ CODECS = {
     "int4": (pack_int4, unpack_int4, 2, 4.0),
     "int8": (pack_int8, unpack_int8, 1, 8.0),
 }
+
+#: fixed-layout codec -> the largest |code| it holds
+CODEC_QMAX = {"ternary_2bit": 1, "ternary_base3": 1, "int4": 7, "int8": 127}
+
+SYMMETRIC_PREFIX = "sym"
+MAX_QMAX = 127  # codes are int8
+
+
+def symmetric_width(qmax: int) -> int:
+    """Bits per code of ``sym{qmax}``: the fewest that hold ``q + qmax`` in [0, 2 * qmax]."""
+    return (2 * qmax).bit_length()
+
+
+def pack_symmetric(codes: np.ndarray, qmax: int) -> np.ndarray:
+    what = f"pack {SYMMETRIC_PREFIX}{qmax}"
+    width = symmetric_width(qmax)
+    q = _check_codes(codes, -qmax, qmax, what) + qmax
+    bits = ((q[..., None] >> np.arange(width, dtype=np.int16)) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(*q.shape[:-1], -1), axis=-1, bitorder="little")
+
+
+def unpack_symmetric(packed: np.ndarray, n: int, qmax: int) -> np.ndarray:
+    what = f"unpack {SYMMETRIC_PREFIX}{qmax}"
+    width = symmetric_width(qmax)
+    packed = _check_packed(packed, n * width, 8, f"{what} ({width} bits per code, n={n})")
+    bits = np.unpackbits(packed, axis=-1, count=n * width, bitorder="little")
+    q = (bits.reshape(*packed.shape[:-1], n, width).astype(np.int16) << np.arange(width, dtype=np.int16)).sum(-1)
+    if q.size and q.max() > 2 * qmax:
+        raise ValueError(f"{what}: found the field value {q.max()} > {2 * qmax} (corrupted data)")
+    return (q - qmax).astype(np.int8)
+
+
+def symmetric_qmax(name: str) -> int | None:
+    """``qmax`` of a generic codec name (``"sym3"`` -> 3), None for any other name."""
+    digits = name[len(SYMMETRIC_PREFIX):] if name.startswith(SYMMETRIC_PREFIX) else ""
+    if not digits.isdigit() or digits != str(int(digits)) or not 1 <= int(digits) <= MAX_QMAX:
+        return None
+    return int(digits)
+
+
+def codec_names() -> str:
+    """For error messages: every codec name this module packs."""
+    return f"{', '.join(CODECS)}, {SYMMETRIC_PREFIX}1..{SYMMETRIC_PREFIX}{MAX_QMAX}"
+
+
+def get_codec(name: str) -> tuple:
+    """``(pack, unpack, qmax, bits per code)`` of a fixed codec or of ``sym{qmax}``; ValueError if unknown."""
+    if name in CODECS:
+        pack_fn, unpack_fn, _, bits = CODECS[name]
+        return pack_fn, unpack_fn, CODEC_QMAX[name], bits
+    qmax = symmetric_qmax(name)
+    if qmax is None:
+        raise ValueError(f"unknown codec {name!r}; known: {codec_names()}")
+    return (lambda codes: pack_symmetric(codes, qmax), lambda packed, n: unpack_symmetric(packed, n, qmax),
+            qmax, float(symmetric_width(qmax)))
+
+
+def codec_for(qmax: int, declared: str | None = None) -> str:
+    """The codec a quantizer's codes are packed with: ``declared`` if it holds [-qmax, qmax], else ``sym{qmax}``."""
+    if declared is None:
+        if not 1 <= qmax <= MAX_QMAX:
+            raise ValueError(f"qmax {qmax} has no codec (codes are int8: 1 <= qmax <= {MAX_QMAX})")
+        return f"{SYMMETRIC_PREFIX}{qmax}"
+    held = get_codec(declared)[2]
+    if qmax > held:
+        raise ValueError(f"codec {declared!r} holds codes in [-{held}, {held}], not [-{qmax}, {qmax}]")
+    return declared

@@ -2,16 +2,20 @@
 
 A directory with ``model.safetensors`` (per quantized layer: packed high-precision rows, packed
 low-precision rows, fp16 scales and the bit-packed row mask; every other tensor as trained),
-``edgerazor_packed.json`` (format version, recipe, allocation, W-A-KV, per-layer layout, file
-checksum, size report), ``config.json`` and the tokenizer files. The exporter only reads codes
-(``weight_quant.codes_and_scales``): nothing is re-quantized from dequantized floats.
+``edgerazor_packed.json`` (format version, recipe, allocation, W-A-KV, per-layer layout with the
+codec of each row part and its activation quantization, the KV-cache quantization, a manifest with
+the sha256 and size of every other file, size report), ``edgerazor_packed.sha256`` (the metadata's
+own checksum), ``config.json`` and the tokenizer files. ``edgerazor.export.packed_format`` holds the
+checks a loader runs. The exporter only reads codes (``weight_quant.codes_and_scales``): nothing is
+re-quantized from dequantized floats. A part's codec is the quantizer's declared ``codec`` or the
+generic ``sym{qmax}`` of ``edgerazor.export.pack``; its name alone says how to read the bytes.
+An export is written beside its target and renamed into place; it never replaces anything but a
+previous packed export, and only when asked to (``overwrite``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +26,13 @@ from safetensors.torch import save_file
 
 from edgerazor.errors import EdgeRazorError
 from edgerazor.export import pack
+from edgerazor.export.files import check_target, staged
+from edgerazor.export.packed_format import (  # noqa: F401 - the format's names, re-exported
+    CHECKSUM_FILE, FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILES, V1_FILES, WEIGHTS_FILE, checksum_line,
+    codec_of, manifest_of, quant_structure, read_packed, tokenizer_summary,
+)
 from edgerazor.quant.bits import SCALE_BITS
 from edgerazor.quant.modules import QuantEmbedding, QuantLinear
-
-FORMAT = "edgerazor-packed"
-FORMAT_VERSION = 1
-METADATA_FILE = "edgerazor_packed.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-#: quantizer name -> codec in ``edgerazor.export.pack``
-CODEC_FOR = {"ternary": "ternary_base3", "int4": "int4", "int8": "int8"}
 
 
 @dataclass
@@ -45,15 +45,6 @@ class TensorSize:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.bytes / self.params if self.params else 0.0
-
-
-def _codec(quantizer: str, layer: str) -> str:
-    try:
-        return CODEC_FOR[quantizer]
-    except KeyError:
-        raise EdgeRazorError(
-            f"layer {layer!r}: quantizer {quantizer!r} has no packed codec; packable: {', '.join(CODEC_FOR)}"
-        ) from None
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -74,11 +65,11 @@ def pack_layer(name: str, module: QuantLinear | QuantEmbedding) -> tuple[dict[st
         "group_size": int(wq.group_size), "high": high_name, "low": low_name,
         "high_rows": int(mask.sum()),
     }
-    for part, quantizer, rows in (("high", high_name, mask), ("low", low_name, ~mask)):
+    for part, quantizer, quantizer_name, rows in (("high", wq.high, high_name, mask), ("low", wq.low, low_name, ~mask)):
         if quantizer is None or not bool(rows.any()):
             continue
-        codec = _codec(quantizer, name)
-        tensors[f"{name}.codes_{part}"] = torch.from_numpy(pack.CODECS[codec][0](_np(codes[rows])))
+        codec = codec_of(quantizer, quantizer_name, name)
+        tensors[f"{name}.codes_{part}"] = torch.from_numpy(pack.get_codec(codec)[0](_np(codes[rows])))
         layout[f"codec_{part}"] = codec
     return tensors, layout
 
@@ -87,39 +78,55 @@ def _quantized_modules(model: torch.nn.Module) -> list[tuple[str, QuantLinear | 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def not_a_packed_export(path: Path) -> str | None:
+    """None when ``path`` is a packed export (any version) holding nothing but its own files; else why not."""
+    if not path.is_dir():
+        return "it is not a directory"
+    try:
+        meta = json.loads((path / METADATA_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return f"it has no readable {METADATA_FILE}"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"its {METADATA_FILE} does not say format {FORMAT!r}"
+    manifest = meta.get("manifest")
+    own = (set(manifest) if isinstance(manifest, dict) else set(V1_FILES)) | {METADATA_FILE, CHECKSUM_FILE}
+    parents = {p for rel in own for p in Path(rel).parents}
+    foreign = sorted(rel for p in path.rglob("*")
+                     if (rel := p.relative_to(path).as_posix()) not in own and Path(rel) not in parents)
+    if foreign:
+        return f"it also holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which the export did not write"
+    return None
 
 
-def export_packed(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> dict[str, Any]:
-    """Write ``model`` (fake-quantized by ``edgerazor.quantize``) as a packed directory, atomically."""
+def export_packed(model: torch.nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``model`` (fake-quantized by ``edgerazor.quantize``) as a packed directory, atomically.
+
+    An existing ``out_dir`` is refused unless ``overwrite`` and it is a previous packed export (holding
+    nothing else); the new export is written beside it, checked as a loader would, and renamed into place.
+    """
     meta = getattr(model.config, "edgerazor", None)
     if not meta:
         raise EdgeRazorError("the model is not quantized by EdgeRazor (config.edgerazor is missing)")
     if tokenizer is None:
         raise EdgeRazorError("a packed export needs the tokenizer: the student directory has no tokenizer files")
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target = {"overwrite": overwrite, "foreign": not_a_packed_export, "what": "packed export"}
+    check_target(out_dir, **target)  # before the packing work
 
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     sizes: list[TensorSize] = []
     packed_weights: dict[int, str] = {}
+    activations, kv_cache = quant_structure(model)
     for name, module in _quantized_modules(model):
         owner = packed_weights.get(id(module.weight))
         if owner is not None:  # tied to an already packed tensor: store it once
-            layers[name] = {**layers[owner], "tied_to": owner}
+            layers[name] = {**layers[owner], "activation": activations[name], "tied_to": owner}
             continue
         packed_weights[id(module.weight)] = name
         layer_tensors, layout = pack_layer(name, module)
         tensors.update(layer_tensors)
-        layers[name] = layout
+        layers[name] = layout | {"activation": activations[name]}
         kind = "table" if isinstance(module, QuantEmbedding) or module is model.get_output_embeddings() else "decoder"
         sizes.append(TensorSize(name, kind, layout["d_out"] * layout["d_in"],
                                 sum(t.numel() * t.element_size() for t in layer_tensors.values())))
@@ -130,26 +137,28 @@ def export_packed(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> dic
         tensors[key] = value.detach().cpu().contiguous()
         sizes.append(TensorSize(key, str(value.dtype).removeprefix("torch."), value.numel(),
                                 value.numel() * value.element_size()))
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-    model.config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-
     report = size_report(sizes, model)
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "recipe": meta["recipe"],
-        "adapter": meta.get("adapter"),
-        "allocation": meta["recipe"]["quant"]["weight"]["allocation"],
-        "w_a_kv": _w_a_kv(meta["recipe"]),
-        "layers": layers,
-        "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
-        "size": report,
-    }
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with staged(out_dir, directory=True, **target) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "recipe": meta["recipe"],
+            "adapter": meta.get("adapter"),
+            "allocation": meta["recipe"]["quant"]["weight"]["allocation"],
+            "w_a_kv": _w_a_kv(meta["recipe"]),
+            "layers": layers,
+            "kv_cache": kv_cache,
+            "tokenizer": tokenizer_summary(tokenizer),
+            "manifest": manifest_of(tmp),
+            "size": report,
+        }
+        encoded = json.dumps(metadata, indent=1).encode("utf-8")
+        (tmp / METADATA_FILE).write_bytes(encoded)
+        (tmp / CHECKSUM_FILE).write_text(checksum_line(encoded))
+        read_packed(tmp)  # what a loader checks, before the export replaces anything
     return metadata
 
 

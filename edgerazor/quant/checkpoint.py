@@ -17,7 +17,8 @@ from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from edgerazor.errors import EdgeRazorError
-from edgerazor.shapes import model_class
+from edgerazor.progress import library_bars_off
+from edgerazor.adapters import resolve_adapter
 from edgerazor.quant.modules import WeightFakeQuant
 from edgerazor.quant.surgery import FORMAT_VERSION, quantize
 from edgerazor.recipe import recipe_from_dict
@@ -46,17 +47,34 @@ def read_masks(path: str | Path) -> dict[str, torch.Tensor]:
     return masks
 
 
+def saved_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
+    """The name ``save_pretrained`` gives each state-dict key: transformers renames some modules on save
+    (GPT-NeoX's ``lm_head`` is written as ``embed_out``) and back on load, but our masks are read by name."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversion mappings saves under the module names
+        return {k: k for k in keys}
+    names = {}
+    for key in keys:
+        renamed = list(revert_weight_conversion(model, {key: torch.zeros(1)}))
+        names[key] = renamed[0] if len(renamed) == 1 else key
+    return names
+
+
 def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], source: str) -> None:
-    for name, module in model.named_modules():
-        if not isinstance(module, WeightFakeQuant):
-            continue
-        owner = name.removesuffix(".weight_quant")
-        if owner not in masks:
+    owners = [name.removesuffix(".weight_quant") for name, m in model.named_modules() if isinstance(m, WeightFakeQuant)]
+    stored_as = saved_names(model, [f"{o}.{MASK_SUFFIX}" for o in owners])
+    for owner in owners:
+        module = model.get_submodule(owner).weight_quant
+        key = stored_as[f"{owner}.{MASK_SUFFIX}"].removesuffix("." + MASK_SUFFIX)
+        if key not in masks and owner in masks:
+            key = owner
+        if key not in masks:
             raise EdgeRazorError(
                 f"{source}: no stored precision mask for layer {owner!r} (key {owner}.{MASK_SUFFIX}); "
                 "the checkpoint is incomplete or was saved before quantization"
             )
-        stored = masks[owner]
+        stored = masks[key]
         if stored.shape != module.precision_mask.shape:
             raise EdgeRazorError(
                 f"{source}: stored mask for {owner!r} has shape {tuple(stored.shape)}, "
@@ -83,12 +101,14 @@ def load_quantized(path: str | Path, **from_pretrained_kwargs):
             f"(this EdgeRazor reads version {FORMAT_VERSION})"
         )
     recipe = recipe_from_dict(meta["recipe"], f"{path}/config.json (edgerazor.recipe)")
+    adapter = resolve_adapter(config.model_type, meta.get("adapter"))  # the family that was quantized
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the masks are "unexpected keys" to a plain model: we load them below
     try:
-        model = model_class(config).from_pretrained(path, config=config, **from_pretrained_kwargs)
+        with library_bars_off():
+            model = adapter.model_class(config).from_pretrained(path, config=config, **from_pretrained_kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    quantize(model, recipe, adapter=meta.get("adapter"))
+    quantize(model, recipe, adapter=adapter)
     apply_masks(model, read_masks(path), str(path))
     return model

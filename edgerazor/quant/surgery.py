@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgerazor.adapters import ModelAdapter
+from edgerazor.adapters import ModelAdapter, resolve_adapter
 from edgerazor.errors import PluginError, QuantizationError
-from edgerazor.plugin_manager import get_plugins, resolve_adapter
+from edgerazor.plugin_manager import get_plugins
 from edgerazor.quant.kv import KVFakeQuant, wrap_attention_implementation
 from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
 from edgerazor.recipe import Recipe, TableQuant, load_recipe, recipe_from_dict
@@ -114,6 +114,17 @@ def _allocate(name: str, allocation: str, d_out: int, rho: float, options: dict[
     return mask
 
 
+def _sized_quantizer(name: str, bits: int, section: str):
+    """The ``quant.<section>.quantizer`` plugin, which must declare the section's ``bits`` (the A / KV label)."""
+    quantizer = get_plugins().get("quantizers", name)
+    if float(quantizer.bits) != float(bits):
+        raise QuantizationError(
+            f"quant.{section}.quantizer {name!r} declares {quantizer.bits:g} bits, but quant.{section}.bits is "
+            f"{bits}; name a {bits}-bit quantizer or change quant.{section}.bits"
+        )
+    return quantizer
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -144,7 +155,7 @@ def quantize(
     group = w.group_size or adapter.default_group_size
     high = plugins.get("quantizers", w.high)
     low = plugins.get("quantizers", w.low) if w.rho < 1 else None
-    act = plugins.get("quantizers", "int8") if q.activation.bits == 8 else None
+    act = _sized_quantizer(q.activation.quantizer, q.activation.bits, "activation") if q.activation.bits < 16 else None
     include = q.include if q.include is not None else list(adapter.decoder_patterns)
 
     embed = model.get_input_embeddings()
@@ -162,7 +173,7 @@ def quantize(
             return None
         a_group = q.activation.group_size or weight_group
         padded = _check_group(name, d_in, a_group, w.pad, "input (activation) dimension")
-        return ActivationFakeQuant(act, "int8", a_group, padded)
+        return ActivationFakeQuant(act, q.activation.quantizer, a_group, padded)
 
     targets = [
         (name, module)
@@ -212,16 +223,20 @@ def quantize(
 
     kv_layers, kv_group = 0, None
     if q.kv_cache.bits == 8:
-        kv_quantizer = plugins.get("quantizers", "int8")
-        for name, module in list(model.named_modules()):
-            if not (_matches(name, include) and hasattr(module, "head_dim") and hasattr(module, "k_proj")):
-                continue
+        kv_quantizer = _sized_quantizer(q.kv_cache.quantizer, q.kv_cache.bits, "kv_cache")
+        for name, module, head_dim in adapter.attention_modules(model, include):
             if _matches(name, q.exclude):
                 continue
-            kv_group = q.kv_cache.group_size or module.head_dim
-            _check_group(name, module.head_dim, kv_group, False, "head_dim (KV cache)")
-            swaps.append((f"{name}.edgerazor_kv", KVFakeQuant(kv_quantizer, "int8", kv_group)))
+            kv_group = q.kv_cache.group_size or head_dim
+            _check_group(name, head_dim, kv_group, False, "head_dim (KV cache)")
+            swaps.append((f"{name}.edgerazor_kv", KVFakeQuant(kv_quantizer, q.kv_cache.quantizer, kv_group)))
             kv_layers += 1
+        if not kv_layers:
+            raise QuantizationError(
+                f"quant.kv_cache.bits=8, but adapter {adapter.name!r} finds no attention module under "
+                f"{include} to quantize K and V in; set quant.kv_cache.bits=16 or use an adapter that knows "
+                "this model's attention"
+            )
     for name, module in swaps:
         _set_module(model, name, module)
     if kv_layers:

@@ -7,22 +7,21 @@ the logits equal the fake-quant student's bit for bit, A8 and KV8 included.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from edgerazor.errors import EdgeRazorError
+from edgerazor.errors import EdgeRazorError, PackedFormatError
 from edgerazor.export import pack
-from edgerazor.export.packed import FORMAT, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILES, WEIGHTS_FILE
-from edgerazor.shapes import build_model
-from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding, QuantLinear
+from edgerazor.export.packed_format import (
+    CONFIG_FILE, METADATA_FILE, PACKED_PARTS, WEIGHTS_FILE, check_quantized, check_shapes, check_tokenizer, read_packed,
+)
+from edgerazor.adapters import resolve_adapter
+from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding
 
 #: codec of ``edgerazor.export.pack`` -> (codes per byte, offset of the stored unsigned field)
 CODECS = {"ternary_base3": (5, 1), "ternary_2bit": (4, 1), "int4": (2, 8), "int8": (1, 0)}
@@ -32,8 +31,11 @@ def unpack_codes(packed: torch.Tensor, codec: str, n: int, out: torch.Tensor | N
     """Torch twin of ``edgerazor.export.pack``'s unpack functions: int8 codes ``[..., n]``.
 
     Bitwise operations on the uint8 bytes (several times faster than a byte lookup table);
-    ``out`` is an optional int8/uint8 buffer of at least ``packed.numel() * codes per byte``.
+    ``out`` is an optional int8/uint8 buffer of at least ``unpacked_numel(packed, codec, n)`` codes.
+    The codec name alone says how to read the bytes: no quantizer plugin is needed.
     """
+    if codec not in CODECS:
+        return _unpack_symmetric(packed, codec, n, out)
     per, offset = CODECS[codec]
     lead, nbytes = packed.shape[:-1], packed.shape[-1]
     if out is None:
@@ -55,6 +57,30 @@ def unpack_codes(packed: torch.Tensor, codec: str, n: int, out: torch.Tensor | N
     if offset:
         codes.sub_(offset)
     return codes.reshape(*lead, nbytes * per)[..., :n]
+
+
+def _unpack_symmetric(packed: torch.Tensor, codec: str, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    """The generic ``sym{qmax}`` codec: field ``i`` starts at stream bit ``i * w`` and spans at most two bytes."""
+    qmax = pack.symmetric_qmax(codec)
+    if qmax is None:
+        raise EdgeRazorError(f"unknown packed codec {codec!r} (known: {pack.codec_names()}); re-export with this EdgeRazor")
+    width = pack.symmetric_width(qmax)
+    start = torch.arange(n, device=packed.device) * width
+    byte, shift = start // 8, (start % 8).to(torch.int32)
+    padded = torch.cat([packed, packed.new_zeros(*packed.shape[:-1], 1)], dim=-1)  # the last field's second byte
+    pair = padded[..., byte].to(torch.int32) | (padded[..., byte + 1].to(torch.int32) << 8)
+    fields = (pair >> shift) & ((1 << width) - 1)
+    if out is None:
+        return (fields - qmax).to(torch.int8)
+    codes = out.view(torch.int8)[: fields.numel()].view(fields.shape)
+    return codes.copy_(fields - qmax)
+
+
+def unpacked_numel(packed: torch.Tensor, codec: str, n: int) -> int:
+    """How many int8 codes ``unpack_codes(packed, codec, n, out)`` needs in ``out``."""
+    if codec in CODECS:
+        return packed.numel() * CODECS[codec][0]
+    return packed.shape[:-1].numel() * n
 
 
 class Workspace:
@@ -124,7 +150,7 @@ class PackedWeight(nn.Module):
                 packed = packed[self.part_row[index[rows]]]
             codec = lay[f"codec_{part}"]
             # one unpack buffer serves both parts: the first is scattered into ``codes`` before the second
-            unpacked = unpack_codes(packed, codec, width, out=buffer("unpack", packed.numel() * CODECS[codec][0], torch.int8))
+            unpacked = unpack_codes(packed, codec, width, out=buffer("unpack", unpacked_numel(packed, codec, width), torch.int8))
             if packed.shape[0] == n_rows:  # a pure tensor: no scatter
                 codes = unpacked
                 break
@@ -179,34 +205,6 @@ class PackedEmbedding(nn.Module):
         return self.packed.rows(used)[position]
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    file = path / METADATA_FILE
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgeRazorError(f"{file} is not valid JSON (truncated or corrupted export?): {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise EdgeRazorError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise EdgeRazorError(
-            f"{file}: format_version {meta.get('format_version')!r} is not supported "
-            f"(this EdgeRazor reads version {FORMAT_VERSION}); re-export with a matching EdgeRazor"
-        )
-    return meta
-
-
-def _verify_checksum(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with (path / WEIGHTS_FILE).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise EdgeRazorError(
-            f"{path / WEIGHTS_FILE} does not match the checksum in {METADATA_FILE}: the file is truncated or "
-            "corrupted; export it again"
-        )
-
-
 def is_packed(path: str | Path) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
@@ -219,58 +217,66 @@ def _rebuild_rotary(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, type(module)(config=module.config))
 
 
+def _built(what: str, file: Path, build):
+    """``build()``; any failure of transformers or the adapter on the export's files is a PackedFormatError."""
+    try:
+        return build()
+    except EdgeRazorError as exc:
+        raise PackedFormatError(f"{file}: {exc}") from None
+    except Exception as exc:  # transformers raises many types on a malformed config or tokenizer
+        raise PackedFormatError(f"{file}: {what} fails ({type(exc).__name__}: {exc}); the export is damaged or "
+                                "inconsistent; export it again") from None
+
+
 def load_packed(path: str | Path, verify: bool = True, dense: bool = False):
     """``(model, tokenizer)`` from a packed export; quantized layers compute from the packed codes.
 
+    Every check of ``edgerazor.export.packed_format`` (checksums unless ``verify=False``, metadata against
+    tensors, recipe and ``config.json`` against the layers, the tokenizer) passes before any weight is
+    allocated: a damaged or inconsistent export is a ``PackedFormatError``, never a different model.
     ``dense=True`` dequantizes every layer once at load (float32 weights: several times faster
     generation, float32 memory); the default keeps only the packed bytes in memory. Both give the
     same logits bit for bit.
     """
     from edgerazor.quant.surgery import quantize
-    from edgerazor.recipe import recipe_from_dict
 
     path = Path(path)
-    meta = read_metadata(path)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise EdgeRazorError(f"{path} has no {WEIGHTS_FILE}")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise EdgeRazorError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the export is incomplete")
-    if verify:
-        _verify_checksum(path, meta["weights_sha256"])
-    try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
-    except Exception as exc:  # safetensors raises its own error types on a bad header
-        raise EdgeRazorError(f"{path / WEIGHTS_FILE} cannot be read ({exc}): truncated or corrupted") from None
-
-    model = build_model(AutoConfig.from_pretrained(path), "meta")
-    quantize(model, recipe_from_dict(meta["recipe"], f"{path / METADATA_FILE} (recipe)"), adapter=meta.get("adapter"))
+    export = read_packed(path, verify=verify)
+    meta, tensors = export.meta, export.tensors
+    config_file = path / CONFIG_FILE
+    config = _built("reading it as a transformers config", config_file, lambda: AutoConfig.from_pretrained(path))
+    tokenizer = _built("loading the tokenizer from its files", path, lambda: AutoTokenizer.from_pretrained(path))
+    check_tokenizer(export, tokenizer)
+    adapter = _built("resolving the model adapter", path / METADATA_FILE,
+                     lambda: resolve_adapter(config.model_type, meta.get("adapter")))
+    model = _built("building the model it describes", config_file, lambda: adapter.from_config(config, "meta"))
+    check_shapes(export, model)
+    _built("quantizing the model as its recipe says", path / METADATA_FILE,
+           lambda: quantize(model, export.recipe, adapter=adapter))
+    check_quantized(export, model)
     model.to_empty(device="cpu")
     _rebuild_rotary(model)
 
     packed: dict[str, PackedWeight] = {}
-    for name, layout in meta["layers"].items():
-        owner = layout.get("tied_to", name)
+    for name in meta["layers"]:
+        owner = export.owner(name)
         if owner not in packed:
-            parts = {k.removeprefix(owner + "."): v for k, v in tensors.items() if k.startswith(owner + ".")}
-            packed[owner] = PackedWeight(layout, parts)
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
+            parts = {part: tensors[f"{owner}.{part}"] for part in PACKED_PARTS if f"{owner}.{part}" in tensors}
+            packed[owner] = PackedWeight(meta["layers"][owner], parts)
+        module = model.get_submodule(name)
         if isinstance(module, QuantEmbedding):
             replacement: nn.Module = PackedEmbedding(packed[owner], module.padding_idx)
-        elif isinstance(module, QuantLinear):
-            replacement = PackedLinear(packed[owner], tensors.get(f"{name}.bias"), module.input_quant)
         else:
-            raise EdgeRazorError(f"{path / METADATA_FILE}: layer {name!r} is not a quantized layer of this model")
+            replacement = PackedLinear(packed[owner], tensors.get(f"{name}.bias"), module.input_quant)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
 
-    plain = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in meta["layers"])}
+    # everything but the packed parts (a quantized linear's bias is a plain tensor too)
+    plain = {k: v for k, v in tensors.items() if not export.is_packed_part(k)}
     expected = {k for k in model.state_dict() if ".packed." not in k}
     missing, unexpected = sorted(expected - set(plain)), sorted(set(plain) - expected)
     if missing or unexpected:
-        raise EdgeRazorError(
+        raise PackedFormatError(
             f"{path / WEIGHTS_FILE} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(plain, strict=False)
@@ -280,4 +286,4 @@ def load_packed(path: str | Path, verify: bool = True, dense: bool = False):
         if dense:
             weight.materialize()
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -29,14 +29,14 @@ permutation of llama.cpp's ``convert_hf_to_gguf.py``; a row permutation moves co
 together, so it stays exact).
 """
 
-from edgerazor.export.gguf.architecture import ARCHS, llama_permute
+from edgerazor.export.gguf.architecture import PERMUTED_ARCHS, llama_permute
 from edgerazor.export.gguf.blocks import BLOCKS, CODE_RANGE, ENCODERS, bits_per_weight, encode
 from edgerazor.export.gguf.report import GGUFReport, GGUFTensor
 from edgerazor.export.gguf.vocabulary import LLAMA3_REGEX, QWEN2_REGEX, detect_pre_tokenizer, normalizer_note
 from edgerazor.export.gguf.writer import FLOAT_TYPES, REQUESTED_TYPES, export_gguf, write_gguf
 
 __all__ = [
-    "ARCHS", "BLOCKS", "CODE_RANGE", "ENCODERS", "FLOAT_TYPES", "GGUFReport", "GGUFTensor", "LLAMA3_REGEX",
-    "QWEN2_REGEX", "REQUESTED_TYPES", "bits_per_weight", "detect_pre_tokenizer", "encode", "export_gguf",
+    "BLOCKS", "CODE_RANGE", "ENCODERS", "FLOAT_TYPES", "GGUFReport", "GGUFTensor", "LLAMA3_REGEX",
+    "PERMUTED_ARCHS", "QWEN2_REGEX", "REQUESTED_TYPES", "bits_per_weight", "detect_pre_tokenizer", "encode", "export_gguf",
     "llama_permute", "normalizer_note", "write_gguf",
 ]

@@ -6,7 +6,8 @@ import numpy as np
 
 from edgerazor.errors import EdgeRazorError
 
-ARCHS = {"qwen3": "qwen3", "llama": "llama", "mobilellm": "llama"}
+#: llama.cpp architectures whose converter permutes q/k rows for interleaved RoPE (``LlamaModel.permute``)
+PERMUTED_ARCHS = frozenset({"llama"})
 
 
 def llama_permute(rows: np.ndarray, n_head: int) -> np.ndarray:

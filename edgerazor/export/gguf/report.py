@@ -80,3 +80,64 @@ class GGUFReport:
             table.add_row(t.name, t.ggml_type, "x".join(map(str, t.shape)), str(t.n_bytes),
                           f"{t.bits_per_weight:.3f}", theory)
         return table
+
+
+    def fallback_summary(self) -> list[dict[str, Any]]:
+        """Tensors written losslessly in a wider type than their own precision, grouped by written type and
+        own bits/weight: how many, and the bytes they cost beyond their own size."""
+        groups: dict[tuple[str, float], dict[str, Any]] = {}
+        for t in self.tensors:
+            if not t.fallback or t.theoretical_bits is None:
+                continue
+            own = t.theoretical_bits * math.prod(t.shape) / 8
+            row = groups.setdefault((t.ggml_type, round(t.theoretical_bits, 3)), {
+                "ggml_type": t.ggml_type, "own_bits_per_weight": t.theoretical_bits,
+                "bits_per_weight": t.bits_per_weight, "tensors": 0, "n_bytes": 0, "own_bytes": 0.0,
+            })
+            row["tensors"] += 1
+            row["n_bytes"] += t.n_bytes
+            row["own_bytes"] += own
+        for row in groups.values():
+            row["extra_bytes"] = round(row["n_bytes"] - row["own_bytes"])
+        return sorted(groups.values(), key=lambda r: -r["extra_bytes"])
+
+    def fallback_table(self):
+        """``fallback_summary`` as one table (None without fallbacks); each tensor's reason is in ``notes``."""
+        rows = self.fallback_summary()
+        if not rows:
+            return None
+        from rich.table import Table
+
+        count = sum(r["tensors"] for r in rows)
+        extra = sum(r["extra_bytes"] for r in rows)
+        table = Table(title=f"GGUF lossless fallbacks: {count} tensors, +{extra:,} bytes "
+                            "(each tensor's reason is in the report's notes; strict refuses them)")
+        for col in ("written as", "tensors", "own bits/w", "written bits/w", "bytes", "extra bytes", "size"):
+            table.add_column(col, justify="left" if col == "written as" else "right")
+        for r in rows:
+            table.add_row(r["ggml_type"], str(r["tensors"]), f"{r['own_bits_per_weight']:.3f}",
+                          f"{r['bits_per_weight']:.3f}", f"{r['n_bytes']:,}", f"+{r['extra_bytes']:,}",
+                          f"{r['n_bytes'] / r['own_bytes']:.2f}x")
+        return table
+
+
+def read_report(path: str | Path) -> GGUFReport:
+    """The size report of a GGUF file read back from the file (types, shapes and bytes per tensor).
+
+    What only the writer knows (source parameters, theoretical bits, notes) is left empty.
+    """
+    gguf = gguf_module()
+    path = Path(path)
+    reader = gguf.GGUFReader(path)
+
+    def text(key: str) -> str:
+        field = reader.get_field(key)
+        return str(field.contents()) if field is not None else ""
+
+    report = GGUFReport(path, text("general.architecture"), text("tokenizer.ggml.pre"),
+                        file_bytes=path.stat().st_size)
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (the row length) first
+        report.tensors.append(GGUFTensor(t.name, "", t.tensor_type.name, shape, int(t.n_bytes),
+                                         8.0 * int(t.n_bytes) / max(int(t.n_elements), 1)))
+    return report

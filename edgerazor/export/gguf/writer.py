@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +12,16 @@ import torch
 from torch import nn
 
 from edgerazor.errors import EdgeRazorError
-from edgerazor.export.gguf.architecture import ARCHS, write_hparams, llama_permute
+from edgerazor.adapters import ModelAdapter, adapter_for_model
+from edgerazor.export.gguf.architecture import PERMUTED_ARCHS, llama_permute, write_hparams
+from edgerazor.export.files import check_target, staged
 from edgerazor.export.gguf.blocks import BLOCKS, CODE_RANGE, bits_per_weight, encode
+from edgerazor.export.gguf.check import EXPORTER_KEY, ExpectedTensor, check_gguf, not_an_edgerazor_gguf
 from edgerazor.export.gguf.report import GGUFReport, GGUFTensor, gguf_module
 from edgerazor.export.gguf.vocabulary import write_tokenizer, detect_pre_tokenizer, normalizer_note
 from edgerazor.quant.grouping import dequantize
 from edgerazor.quant.modules import WeightFakeQuant
+from edgerazor.version import __version__
 
 REQUESTED_TYPES = ("auto", "tq1_0", "tq2_0", "q4_0")
 
@@ -68,6 +73,16 @@ def _choose_type(qmaxes: list[int], group: int, d_in: int, requested: str) -> tu
     return "F32", reason, ideal or "per-row"
 
 
+def _requested_type(requested: str, qmaxes: list[int]) -> str | None:
+    """The type an explicit ``type`` asks for this tensor: tq1_0 / tq2_0 for any tensor holding ternary
+    rows, q4_0 for any tensor whose codes fit 4 bits; None where the request does not speak of it."""
+    if requested in ("tq1_0", "tq2_0") and 1 in qmaxes:
+        return requested.upper()
+    if requested == "q4_0" and max(qmaxes) <= 7:
+        return "Q4_0"
+    return None
+
+
 @dataclass
 class _Planned:
     name: str
@@ -77,6 +92,7 @@ class _Planned:
     shape: tuple[int, ...]
     theoretical: float | None
     fallback: bool = False
+    note: str | None = None  # the fallback's reason and size cost (also in the report's notes)
 
 
 def _quantized_tensor(
@@ -87,6 +103,12 @@ def _quantized_tensor(
     qmaxes, row_bits = _row_kinds(wq)
     theoretical = row_bits + 16.0 / wq.group_size
     ggml_type, reason, _ = _choose_type(qmaxes, wq.group_size, wq.d_in, requested)
+    wanted = _requested_type(requested, qmaxes)
+    if wanted is not None and ggml_type != wanted:
+        raise EdgeRazorError(
+            f"GGUF type {requested!r} cannot hold tensor {gguf_name!r} ({source}, {wq.names[0]}/{wq.names[1] or '-'}, "
+            f"G={wq.group_size}): it {reason}; export with type 'auto' to write it losslessly as {ggml_type}"
+        )
     shape = (codes_t.shape[0], wq.d_in)
     if reason is not None:
         bpw = bits_per_weight(ggml_type)
@@ -98,18 +120,19 @@ def _quantized_tensor(
         if strict:
             raise EdgeRazorError(f"strict GGUF export refuses tensor {gguf_name!r}: {message}")
         notes.append(message)
+    note = message if reason is not None else None
     if ggml_type == "F32":  # the dequantized weights themselves (float32 holds s * q exactly)
         values = dequantize(codes_t, scales_t, wq.group_size).cpu().numpy()[:, : wq.d_in]
         if permute_heads:
             values = llama_permute(values, permute_heads)
         return _Planned(gguf_name, source, "F32", np.ascontiguousarray(values, dtype=np.float32), shape,
-                        theoretical, fallback=reason is not None)
+                        theoretical, fallback=reason is not None, note=note)
     codes = codes_t.cpu().numpy()[:, : wq.d_in]
     scales = scales_t.cpu().numpy().astype(np.float32)
     if permute_heads:  # rows move with their codes and scales: still exact
         codes, scales = llama_permute(codes, permute_heads), llama_permute(scales, permute_heads)
     return _Planned(gguf_name, source, ggml_type, encode(ggml_type, codes, scales, wq.group_size), shape,
-                    theoretical, fallback=reason is not None)
+                    theoretical, fallback=reason is not None, note=note)
 
 
 def _owner(model: nn.Module, param_name: str) -> tuple[str, nn.Module]:
@@ -130,12 +153,10 @@ def _float_tensor(values: np.ndarray, float_type: str) -> tuple[str, np.ndarray]
     return "F32", np.ascontiguousarray(values, dtype=np.float32)
 
 
-def _plan_tensors(model: nn.Module, arch: str, requested: str, strict: bool, notes: list[str],
+def _plan_tensors(model: nn.Module, adapter: ModelAdapter, arch: str, requested: str, strict: bool, notes: list[str],
                   float_type: str = "f32") -> list[_Planned]:
-    gguf = gguf_module()
     config = model.config
-    n_layers = int(config.num_hidden_layers)
-    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
+    tmap = adapter.gguf_tensor_names(config)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     n_head = int(config.num_attention_heads)
@@ -155,7 +176,7 @@ def _plan_tensors(model: nn.Module, arch: str, requested: str, strict: bool, not
             continue
         module_name, module = _owner(model, param_name)
         permute = None
-        if arch == "llama":
+        if arch in PERMUTED_ARCHS:
             if module_name.endswith("self_attn.q_proj"):
                 permute = n_head
             elif module_name.endswith("self_attn.k_proj"):
@@ -190,64 +211,65 @@ def _file_type(planned: list[_Planned]):
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str = "auto", strict: bool = False,
-               quiet: bool = False, float_type: str = "f32") -> GGUFReport:
+               quiet: bool = False, float_type: str = "f32", overwrite: bool = False) -> GGUFReport:
     """Write ``model`` (quantized by ``edgerazor.quantize``) and ``tokenizer`` as one GGUF file.
 
     ``type``: "auto" (all-ternary tensors with G % 256 == 0 -> TQ2_0, 4-bit -> Q4_0, mixed 4-bit /
-    ternary -> Q4_0 losslessly with a note), "tq2_0" / "tq1_0" (that type for ternary tensors),
-    "q4_0" (every 4-bit or ternary tensor in Q4_0). ``strict=True`` refuses any tensor that can
-    only be written in a wider type than its own (a note otherwise). Weight matrices the recipe left
-    unquantized are written as ``float_type`` (f32: exact; f16 / bf16: 16-bit baselines, e.g. an
-    unquantized model for speed comparisons). The file is written to
-    ``path + ".tmp"`` and moved into place, so ``path`` is either the old file or the whole new one.
+    ternary -> Q4_0 losslessly with a note), "tq2_0" / "tq1_0" (that type for every tensor holding
+    ternary rows), "q4_0" (every 4-bit or ternary tensor in Q4_0); an explicit type a tensor cannot
+    take exactly is an error naming the tensor, never a silent fallback. ``strict=True`` refuses any
+    tensor that can only be written in a wider type than its own (a note otherwise). Weight matrices
+    the recipe left unquantized are written as ``float_type`` (f32: exact; f16 / bf16: 16-bit
+    baselines, e.g. an unquantized model for speed comparisons). An existing ``path`` is refused
+    unless ``overwrite`` and it is a GGUF file EdgeRazor wrote. The file is written beside ``path``,
+    read back with gguf-py and checked (every tensor's name, type, shape and bytes, every key) and
+    only then renamed into place, so ``path`` is either the old file or the whole new one.
     """
     gguf = gguf_module()
     if type not in REQUESTED_TYPES:
         raise EdgeRazorError(f"GGUF type {type!r} is not one of {', '.join(REQUESTED_TYPES)}")
+    path = Path(path)
+    target = {"overwrite": overwrite, "foreign": not_an_edgerazor_gguf, "what": "GGUF file"}
+    check_target(path, **target)
     config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHS:
-        raise EdgeRazorError(
-            f"GGUF export supports model_type {', '.join(sorted(ARCHS))}; got {model_type!r}"
-        )
+    adapter = adapter_for_model(model)
+    arch = adapter.gguf_architecture(config)  # the family's adapter knows its llama.cpp architecture
     if tokenizer is None:
         raise EdgeRazorError("GGUF export needs the tokenizer: llama.cpp reads the vocabulary from the file")
-    arch = ARCHS[model_type]
     pre = detect_pre_tokenizer(tokenizer)
     notes: list[str] = [note] if (note := normalizer_note(tokenizer)) else []
     if float_type not in FLOAT_TYPES:
         raise EdgeRazorError(f"GGUF float type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
-    planned = _plan_tensors(model, arch, type, strict, notes, float_type)
+    planned = _plan_tensors(model, adapter, arch, type, strict, notes, float_type)
     meta = getattr(config, "edgerazor", None) or {}
     q = (meta.get("recipe") or {}).get("quant") or {}
     if (q.get("kv_cache") or {}).get("bits") == 8 or (q.get("activation") or {}).get("bits") == 8:
         notes.append("the recipe trains with 8-bit activations / KV cache: run llama.cpp with "
                      "-ctk q8_0 -ctv q8_0 (KV) - weights-only formats cannot carry those settings")
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.upper())])
-    try:
-        name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
-        if name:
-            writer.add_name(Path(str(name)).name)
-        write_hparams(writer, config, arch)
-        writer.add_file_type(_file_type(planned))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
-        for p in planned:
-            raw_dtype = None if p.ggml_type in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, p.ggml_type)
-            writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged(path, directory=False, **target) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.upper())])
+        try:
+            name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+            if name:
+                writer.add_name(Path(str(name)).name)
+            writer.add_string(EXPORTER_KEY, __version__)
+            write_hparams(writer, config, arch)
+            writer.add_file_type(_file_type(planned))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            write_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
+            for p in planned:
+                raw_dtype = None if p.ggml_type in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, p.ggml_type)
+                writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        # read back with gguf-py: what it meant to write, before the file replaces anything
+        check_gguf(tmp, {p.name: ExpectedTensor(p.ggml_type, p.shape, int(p.data.nbytes), _sha256(p.data))
+                         for p in planned},
+                   {key: value.value for key, value in writer.kv_data[0].items()})
     report = GGUFReport(path, arch, pre, notes=notes, file_bytes=path.stat().st_size)
     for p in planned:
         report.tensors.append(GGUFTensor(
@@ -255,12 +277,30 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
             8.0 * p.data.nbytes / int(np.prod(p.shape)), p.theoretical, p.fallback,
         ))
     if not quiet:
+        # the fallbacks as one summary table, not a line per tensor (their notes stay in the report)
+        per_tensor = {p.note for p in planned if p.note}
         for note in notes:
-            print(f"note: {note}")
+            if note not in per_tensor:
+                print(f"note: {note}")
+        table = report.fallback_table()
+        if table is not None:
+            from rich.console import Console
+
+            Console().print(table)
     return report
 
 
+def _sha256(data: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
+
+
 def export_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, filename: str = "model.gguf",
-                type: str = "auto", strict: bool = False) -> Path:
-    """Exporter-registry form (``fn(model, out_dir, **options) -> Path``) of :func:`write_gguf`."""
-    return write_gguf(model, tokenizer, Path(out_dir) / filename, type=type, strict=strict).path
+                type: str = "auto", strict: bool = False, overwrite: bool = False) -> Path:
+    """Exporter-registry form (``fn(model, out_dir, **options) -> Path``) of :func:`write_gguf`.
+
+    ``out_dir`` is a directory (the file is ``out_dir / filename``) or, ending in ``.gguf``, the file
+    itself, as ``edgerazor export --out model.gguf`` names it.
+    """
+    path = Path(out_dir)
+    return write_gguf(model, tokenizer, path if path.suffix == ".gguf" else path / filename, type=type,
+                      strict=strict, overwrite=overwrite).path
