@@ -15,7 +15,6 @@ for a family with the standard layout, or subclass it and override methods for a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -178,7 +177,7 @@ class ModelAdapter:
         """``(train, eval)`` training rows (``input_ids``, ``labels``) for the recipe's data section."""
         from edgerazor.data import build_datasets
 
-        return build_datasets(section, tokenizer)
+        return build_datasets(section, tokenizer, think_tags=self.think_tags)
 
     def chat_template(self, tokenizer) -> str | None:
         """The chat template prompts are rendered with (the tokenizer's own by default)."""
@@ -186,8 +185,9 @@ class ModelAdapter:
 
     def strip_think(self, text: str) -> str:
         """``text`` without the family's reasoning blocks (``<think>...</think>``) and the blank lines after them."""
-        start, end = (re.escape(t) for t in self.think_tags)
-        return re.sub(rf"{start}.*?{end}\s*", "", text, flags=re.DOTALL)
+        from edgerazor.data.formatting import strip_think
+
+        return strip_think(text, self.think_tags)
 
     # -- GGUF ---------------------------------------------------------------------------------
 

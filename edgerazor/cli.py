@@ -93,8 +93,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edgerazor.run import run_command
 
     overrides = list(args.set or []) + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
+    overrides += ["model.compute_dtype=as_stored"] if args.keep_dtype else []
     with library_bars_off():  # one bar per stage of ours: none for loading or saving a model
-        run_command(args.recipe, args.teacher, args.adapter, overrides, args.output, args.resume)
+        run_command(args.recipe, args.teacher, args.adapter, overrides, args.output, args.resume,
+                args.overwrite, args.accept_changes)
     return 0
 
 
@@ -127,7 +129,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.format is not None:
         get_plugin("exporters", args.format)  # an unknown name fails before the model loads
-    model, tokenizer = edgerazor.load(_student_dir(args.source))
+    # exported as stored: computing is not needed, and the stored dtype decides what the export holds
+    model, tokenizer = edgerazor.load(_student_dir(args.source), compute_dtype="as_stored")
     name = _export_format(model, args.format)
     options = {"type": args.type} if args.type is not None else {}
     if args.strict:
@@ -181,7 +184,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import edgerazor
 
-    model, tokenizer = edgerazor.load(_student_dir(args.model), dense=args.dense)
+    from edgerazor.precision import announce, plan
+    from edgerazor.runtime.loading import stored_dtype
+
+    source = _student_dir(args.model)
+    compute = plan(stored_dtype(source), "as_stored" if args.keep_dtype else "auto", stored_by="the model's")
+    announce(compute)
+    model, tokenizer = edgerazor.load(source, dense=args.dense, compute_dtype=compute.compute)
     if tokenizer is None:
         raise EdgeRazorError(f"{args.model} has no tokenizer files: cannot encode the prompt")
     inputs = _generation_inputs(tokenizer, args.prompt, args.chat, args.model)
@@ -212,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher", default=None, help="teacher directory or hub id (overrides model.teacher)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, repeatable")
     run.add_argument("--output", type=Path, default=None, help="output directory (default: runs/<recipe name>)")
-    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    run.add_argument("--keep-dtype", action="store_true",
+                     help="compute in model.dtype (and train.bf16 autocast) even where this CPU has no native "
+                          "half precision (model.compute_dtype: as_stored); default: float32 there")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the output folder's latest complete checkpoint (alone with --output: its recipe and teacher)")
+    run.add_argument("--accept-changes", action="store_true",
+                     help="with --resume: accept safe recipe changes (more steps, logging/saving intervals)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a previous EdgeRazor run in the output folder (never anything else)")
     run.set_defaults(func=_cmd_run)
 
     export = sub.add_parser("export", help="export a run's student (or a student dir) with an exporter plugin")
@@ -241,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="send the prompt as a user message through the tokenizer's chat template")
     generate.add_argument("--dense", action="store_true",
                           help="packed exports: dequantize once at load (faster, float32 memory; same tokens)")
+    generate.add_argument("--keep-dtype", action="store_true",
+                          help="compute in the model's stored dtype even where this CPU has no native half "
+                               "precision (default: float32 there, ~100x faster)")
     generate.set_defaults(func=_cmd_generate)
 
     bits = sub.add_parser("bits", help="quantized fraction, effective bits and compression ratio of a model shape")

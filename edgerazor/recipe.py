@@ -204,7 +204,11 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
     teacher: str | None = Field(None, description="teacher: a hub id or a local directory")
     student: str | None = Field(None, description="student initialisation; default: the teacher's weights")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="what teacher and student are stored, saved and exported in")
+    compute_dtype: Literal["auto", "as_stored"] = Field(
+        "auto", description="auto: compute in dtype where this device does so natively, else float32 (and no "
+                            "train.bf16 autocast); as_stored: always as dtype says (edgerazor run --keep-dtype)")
 
 
 class DistillSection(Section):

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from rich.table import Table
 
 from edgerazor.adapters import ModelAdapter, resolve_adapter
 from edgerazor.errors import EdgeRazorError
+from edgerazor.precision import Capability, ComputePlan, announce, cast_parameters
+from edgerazor.file_modes import apply_umask
 from edgerazor.recipe import Recipe, dump_recipe, load_recipe
+from edgerazor.run_folder import prepare_output, write_run_file
 
 console = Console(stderr=True)
 
@@ -56,32 +60,49 @@ def gap_closure(teacher_ppl: float, rtn_ppl: float, student_ppl: float) -> float
     return (math.log(rtn_ppl) - math.log(student_ppl)) / gap if gap > 0 else float("nan")
 
 
-def select_adapter(location: str, requested: str | None, trust_remote_code: bool = False) -> ModelAdapter:
-    """The adapter for the teacher at ``location``, chosen from its config alone (no weights loaded):
-    ``requested`` (a name, or None / ``auto``) must serve the teacher's model_type."""
+def teacher_config(location: str, trust_remote_code: bool = False):
+    """The teacher's config alone (no weights): enough to choose its adapter and check the recipe."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise EdgeRazorError(f"cannot read the teacher's config from {location!r}: {exc}".splitlines()[0]) from None
-    return resolve_adapter(config.model_type, requested)
+
+
+def select_adapter(location: str, requested: str | None, trust_remote_code: bool = False) -> ModelAdapter:
+    """The adapter for the teacher at ``location``, chosen from its config alone (no weights loaded):
+    ``requested`` (a name, or None / ``auto``) must serve the teacher's model_type."""
+    return resolve_adapter(teacher_config(location, trust_remote_code).model_type, requested)
+
+
+def check_recipe_fits(recipe: Recipe, family: ModelAdapter, config) -> None:
+    """Quantize a weightless (meta) copy of the teacher: group sizes, KV groups and plugin names are
+    checked against the real shapes before minutes go into loading weights or training a teacher."""
+    from edgerazor.quant import quantize
+
+    quantize(family.from_config(config, "meta"), recipe, adapter=family)
 
 
 def load_inputs(recipe: Recipe, teacher: str | None, adapter: str | None = None) -> RunInputs:
-    """Teacher, tokenizer and data for a user recipe (hub ids or local directories), through its adapter."""
+    """Teacher, tokenizer and data for a user recipe (hub ids or local directories), through its adapter.
+
+    Everything that can fail without weights (config, adapter, recipe against the shapes, tokenizer,
+    data sources and fields) is checked before the teacher's weights load."""
     location = teacher or recipe.model.teacher
     if not location:
         raise EdgeRazorError("no teacher: pass --teacher DIR_OR_HUB_ID or set model.teacher in the recipe")
     trust = recipe.model.trust_remote_code
-    family = select_adapter(location, adapter or recipe.model.adapter, trust)
-    console.print(f"[bold]loading teacher[/] {location} (adapter {family.name})")
-    model = family.load_teacher(location, recipe.model.dtype, trust)
+    config = teacher_config(location, trust)
+    family = resolve_adapter(config.model_type, adapter or recipe.model.adapter)
+    check_recipe_fits(recipe, family, config)
     tokenizer = family.load_tokenizer(location, trust)
     built = family.build_datasets(recipe.data, tokenizer)
     train, evaluation = built
     if evaluation is None:
         raise EdgeRazorError("data.eval_fraction is 0: set it (e.g. 0.02) so the run can report held-out perplexity")
+    console.print(f"[bold]loading teacher[/] {location} (adapter {family.name})")
+    model = family.load_teacher(location, recipe.model.dtype, trust)
     return RunInputs(model, location, tokenizer, train, evaluation, family, getattr(built, "stats", None))
 
 
@@ -89,11 +110,16 @@ def demo_inputs(recipe: Recipe, adapter: str | None = None) -> RunInputs:
     """The demo teacher and data that the recipe's ``demo:`` section describes (built once, then cached)."""
     from edgerazor.data import DataStats, SourceStats
     from edgerazor.demo import prepare_demo
+    from edgerazor.demo import teacher_config as demo_teacher_config
     from edgerazor.recipe import DemoSection
 
-    assets = prepare_demo(settings=recipe.demo or DemoSection())
+    settings = recipe.demo or DemoSection()
+    config = demo_teacher_config(settings.teacher, SimpleNamespace(eos_token_id=0, pad_token_id=1),
+                                 settings.corpus.vocab_size)
+    family = resolve_adapter(config.model_type, adapter or recipe.model.adapter)
+    check_recipe_fits(recipe, family, config)  # before minutes of teacher training
+    assets = prepare_demo(settings=settings)
     location = str(assets.teacher_dir)
-    family = select_adapter(location, adapter or recipe.model.adapter)
     teacher = family.load_teacher(location)
     tokenizer = family.load_tokenizer(location)
     blocks = len(assets.train_dataset)
@@ -109,6 +135,16 @@ def _build_student(inputs: RunInputs, recipe: Recipe) -> torch.nn.Module:
     return copy.deepcopy(inputs.teacher)
 
 
+def compute_plan(recipe: Recipe, capability: Capability | None = None) -> ComputePlan:
+    """What this run computes in: ``model.dtype`` where the device computes it natively (and
+    ``train.bf16`` autocast only where bfloat16 is native), else float32; ``model.compute_dtype:
+    as_stored`` (``--keep-dtype``) keeps both as the recipe says. ``capability``: this machine's by default."""
+    from edgerazor.precision import plan
+
+    return plan(recipe.model.dtype, recipe.model.compute_dtype, recipe.train.bf16, capability,
+                insist="--keep-dtype or model.compute_dtype: as_stored")
+
+
 def save_atomically(model, tokenizer, target: Path) -> None:
     """Write to a temporary sibling, then rename: a killed save never leaves a half model at ``target``."""
     tmp = target.with_name(target.name + ".tmp")
@@ -121,6 +157,7 @@ def save_atomically(model, tokenizer, target: Path) -> None:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+    apply_umask(target)  # safetensors writes 0600 whatever the umask
 
 
 def gap_closure_fields(teacher_ppl: float, rtn_ppl: float, student_ppl: float) -> dict[str, Any]:
@@ -167,20 +204,28 @@ def run(
     recipe: Recipe,
     inputs: RunInputs,
     output_dir: Path,
-    resume: bool = False,
+    resume: bool | Path = False,
+    compute: ComputePlan | None = None,
 ) -> dict[str, Any]:
-    """Quantize, evaluate RTN, distil, evaluate, save; returns the results written to results.json."""
+    """Quantize, evaluate RTN, distil, evaluate, save; returns the results written to results.json.
+
+    ``resume``: True for the latest complete checkpoint, or the checkpoint folder itself. ``compute``:
+    the dtype to compute in (default: ``compute_plan(recipe)``); the student is saved in the recipe's."""
     from edgerazor.data import DistillCollator
     from edgerazor.distill import distill
     from edgerazor.eval.perplexity import perplexity
     from edgerazor.quant import count_bits, quantize
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    write_run_file(output_dir, inputs.teacher_location, inputs.adapter.name)  # a bare --resume finds them here
     (output_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     if inputs.data_stats is not None:
         print_data_summary(inputs.data_stats)
     start = time.perf_counter()
-    student = _build_student(inputs, recipe)
+    compute = compute if compute is not None else compute_plan(recipe)
+    announce(compute)
+    cast_parameters(inputs.teacher, compute.compute)  # both run, evaluate and train in the compute dtype
+    student = cast_parameters(_build_student(inputs, recipe), compute.compute)
     report = quantize(student, recipe, adapter=inputs.adapter)
     console.print(f"[bold]quantized[/] {len(report.layers)} layers to {report.w_a_kv}")
     teacher_ppl = perplexity(inputs.teacher, inputs.eval_dataset, recipe.train.per_device_batch_size)
@@ -189,14 +234,18 @@ def run(
     trainer = distill(
         inputs.teacher, student, inputs.train_dataset, recipe, output_dir / "checkpoints",
         DistillCollator(inputs.tokenizer), resume=resume, adapter=inputs.adapter, eval_dataset=inputs.eval_dataset,
+        bf16=compute.autocast,
     )
     curve = training_curve(trainer.state.log_history)
     final = curve["eval_perplexity"][-1] if curve["eval_perplexity"] else None
-    if final is not None and final["step"] == trainer.state.global_step:
+    rounded = compute.compute != compute.stored
+    if rounded:  # report the weights that are saved: rounded to the recipe's dtype, computed as here
+        cast_parameters(student, compute.compute, through=compute.stored)
+    if final is not None and final["step"] == trainer.state.global_step and not rounded:
         student_ppl = final["perplexity"]  # the trainer just measured this very model, the same way
     else:
         student_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size)
-    save_atomically(student, inputs.tokenizer, output_dir / "student")
+    save_atomically(cast_parameters(student, compute.stored), inputs.tokenizer, output_dir / "student")
     bits = count_bits(student)
     results = {
         "teacher_ppl": teacher_ppl,
@@ -212,6 +261,7 @@ def run(
         "train_loss": curve["loss"],
         "data": inputs.data_stats.to_dict() if inputs.data_stats is not None else None,
         "wall_seconds": time.perf_counter() - start,
+        **compute.record(),
         "recipe": recipe.model_dump(mode="json"),
         "teacher": inputs.teacher_location,
         "adapter": inputs.adapter.name,
@@ -291,15 +341,38 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | None, overrides: list[str],
-                output: Path | None, resume: bool) -> dict[str, Any]:
+                output: Path | None, resume: bool, overwrite: bool = False,
+                accept_changes: bool = False, capability: Capability | None = None) -> dict[str, Any]:
     """The whole ``edgerazor run``: the built-in offline demo (configs/demo.yaml) when no recipe and no
-    teacher are given; a recipe with a ``demo:`` section and no teacher runs on the demo teacher too."""
+    teacher are given; a recipe with a ``demo:`` section and no teacher runs on the demo teacher too.
+
+    ``--resume --output DIR`` alone continues DIR's run with its own recipe and teacher. ``capability``:
+    the device's (default: this machine's), which decides the compute dtype (``compute_plan``)."""
+    if resume and recipe_path is None and teacher is None and output is not None and (output / "recipe.yaml").is_file():
+        recipe_path = output / "recipe.yaml"
     builtin = recipe_path is None and teacher is None
     recipe = load_recipe(builtin_recipe("demo") if builtin else recipe_path, overrides)
     demo = recipe.demo is not None and not (teacher or recipe.model.teacher)
     if demo and recipe.data.sources:
         raise EdgeRazorError("the recipe has a demo: section and data.sources but no teacher: "
                              "set model.teacher (or --teacher) to train on data.sources, or remove them")
-    inputs = demo_inputs(recipe, adapter) if demo else load_inputs(recipe, teacher, adapter)
+    if not demo and recipe.data.sources and recipe.data.eval_fraction == 0:
+        raise EdgeRazorError("data.eval_fraction is 0: set it (e.g. 0.02) so the run can report held-out perplexity")
     output_dir = output or Path("runs") / recipe.name
-    return run(recipe, inputs, output_dir, resume=resume)
+    plan = prepare_output(output_dir, recipe.model_dump(mode="json"), resume, overwrite, accept_changes)
+    if plan.stored is not None and not demo and not teacher and not recipe.model.teacher:
+        teacher, adapter = plan.stored["teacher"], adapter or plan.stored.get("adapter")
+    if plan.checkpoint is not None:
+        console.print(f"[bold]resuming[/] from {plan.checkpoint.name} ({plan.checkpoint})", soft_wrap=True)
+    if plan.replaced is not None:
+        console.print(f"replacing the previous run in {output_dir} (kept aside until this run finishes)", soft_wrap=True)
+    compute = compute_plan(recipe, capability)
+    announce(compute)  # before minutes of loading
+    try:
+        inputs = demo_inputs(recipe, adapter) if demo else load_inputs(recipe, teacher, adapter)
+        results = run(recipe, inputs, output_dir, resume=plan.checkpoint or False, compute=compute)
+    except BaseException:
+        plan.abort()
+        raise
+    plan.finish()
+    return results

@@ -196,3 +196,22 @@ def test_thirdparty_adapter_distils_and_exports_end_to_end(plugin_site, tmp_path
                   check=False)
     assert refused.returncode == 2
     assert "edgerazor: error: adapter 'generic': GPTNeoXForCausalLM has no decoder layer list" in refused.stderr
+
+
+def test_the_adapters_think_tags_reach_the_training_rows(tmp_path):
+    """A family with other reasoning delimiters strips its own blocks from responses, not Qwen3's."""
+    from edgerazor.recipe import DataSection
+
+    data = tmp_path / "pr.jsonl"
+    rows = [{"prompt": "2+2?", "response": "[reason]count up[/reason]4"},
+            {"prompt": "3+3?", "response": "<think>keep me</think>6"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tokenizer = train_tiny_tokenizer(["2+2? 4 3+3? 6 count up keep me reason think"] * 20, 300)
+    section = DataSection.model_validate({"sources": [{"path": str(data), "format": "prompt_response"}],
+                                          "strip_think": True, "max_length": 64})
+    family = ModelAdapter(name="brackets", model_types=("x",), think_tags=("[reason]", "[/reason]"))
+    train, _ = family.build_datasets(section, tokenizer)
+    texts = sorted(tokenizer.decode([t for t in row["labels"] if t >= 0]) for row in train)
+    assert texts[0].startswith("4") and "count up" not in texts[0]
+    assert "<think>keep me</think>6" in texts[1]
+    assert family.strip_think("a[reason]x[/reason]  b") == "ab"

@@ -105,7 +105,8 @@ def test_set_value_of_the_wrong_kind_names_key_and_override(capsys, no_teacher):
 def test_set_indexes_list_items(tmp_path, capsys, monkeypatch):
     """``data.sources.0.prompt_field=q`` reaches the recipe ``edgerazor run`` uses; index 1 of one is refused."""
     path = tmp_path / "recipe.yaml"
-    path.write_text("model:\n  teacher: ./teacher\ndata:\n  sources:\n    - path: qa.jsonl\n      format: prompt_response\n")
+    path.write_text("model:\n  teacher: ./teacher\ndata:\n  eval_fraction: 0.1\n  sources:\n    - path: qa.jsonl\n"
+                    "      format: prompt_response\n")
 
     def report(recipe, teacher, adapter=None):  # stops the run where it would load the teacher
         raise EdgeRazorError(f"would load the teacher with prompt_field={recipe.data.sources[0].prompt_field}")

@@ -23,8 +23,8 @@ PACKAGES = {"edgerazor": "edgerazor", "plugins": "edgerazor.plugins", "model_ada
 #: The pipeline's stages in order; a module may import only from its own stage or earlier ones.
 #: Matching is by the longest prefix. ``edgerazor`` itself (the package facade) is exempt.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("edgerazor.errors", "edgerazor.hookspecs", "edgerazor.plugin_manager", "edgerazor.version",
-              "edgerazor.progress")),
+    ("core", ("edgerazor.errors", "edgerazor.file_modes", "edgerazor.hookspecs", "edgerazor.plugin_manager", "edgerazor.version",
+              "edgerazor.progress", "edgerazor.precision")),
     ("recipe", ("edgerazor.recipe", "edgerazor.shapes")),
     ("data", ("edgerazor.data",)),
     ("adapters", ("edgerazor.adapters",)),
@@ -34,7 +34,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("edgerazor.export",)),
     ("runtime", ("edgerazor.runtime",)),
     ("llama_cpp", ("edgerazor.llama_cpp",)),
-    ("run", ("edgerazor.demo", "edgerazor.run")),
+    ("run", ("edgerazor.demo", "edgerazor.run_folder", "edgerazor.run")),
     ("cli", ("edgerazor.cli",)),
 ]
 #: Built-in plugins use the public API of any stage; the core must never import them directly.

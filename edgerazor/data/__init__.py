@@ -67,8 +67,8 @@ class BuiltData:
         return iter((self.train, self.eval))
 
 
-def _mixture(section: DataSection, tokenizer) -> tuple[datasets.Dataset, DataStats]:
-    from edgerazor.data.formatting import format_source, require_chat_template
+def _mixture(section: DataSection, tokenizer, think_tags: tuple[str, str] | None = None) -> tuple[datasets.Dataset, DataStats]:
+    from edgerazor.data.formatting import THINK_TAGS, format_source, require_chat_template
     from edgerazor.data.sources import cap_records, check_fields, load_source, mix, quotas
 
     if not section.sources:
@@ -84,7 +84,7 @@ def _mixture(section: DataSection, tokenizer) -> tuple[datasets.Dataset, DataSta
         stats.sources.append(SourceStats(source.describe(i), source.format, len(raw), len(raw) - len(capped)))
         raws.append(capped)
     parts = [
-        format_source(raw, src, section, tokenizer, i, stats.sources[i])
+        format_source(raw, src, section, tokenizer, i, stats.sources[i], think_tags or THINK_TAGS)
         for i, (raw, src) in enumerate(zip(raws, section.sources))
     ]
     counts = quotas([len(p) for p in parts], [s.ratio for s in section.sources], section.num_samples)
@@ -93,17 +93,18 @@ def _mixture(section: DataSection, tokenizer) -> tuple[datasets.Dataset, DataSta
     return mix(parts, section), stats
 
 
-def build_dataset(section: DataSection, tokenizer) -> datasets.Dataset:
+def build_dataset(section: DataSection, tokenizer, think_tags: tuple[str, str] | None = None) -> datasets.Dataset:
     """The training mixture: a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (-100: no loss)."""
-    return _mixture(section, tokenizer)[0]
+    return _mixture(section, tokenizer, think_tags)[0]
 
 
-def build_datasets(section: DataSection, tokenizer) -> BuiltData:
+def build_datasets(section: DataSection, tokenizer, think_tags: tuple[str, str] | None = None) -> BuiltData:
     """``(train, eval)``: the mixture split by ``section.eval_fraction`` (eval is None when it is 0),
-    with ``.stats``: rows per source read, dropped (and why), truncated, kept, drawn; train and eval rows."""
+    with ``.stats``: rows per source read, dropped (and why), truncated, kept, drawn; train and eval rows.
+    ``think_tags``: the model family's reasoning-block delimiters for ``data.strip_think`` (Qwen3's by default)."""
     from edgerazor.data.sources import split_eval
 
-    mixture, stats = _mixture(section, tokenizer)
+    mixture, stats = _mixture(section, tokenizer, think_tags)
     train, evaluation = split_eval(mixture, section.eval_fraction, section.seed)
     stats.train, stats.eval = len(train), 0 if evaluation is None else len(evaluation)
     return BuiltData(train, evaluation, stats)

@@ -27,18 +27,20 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 #: Rows tokenized per tokenizer call: big enough for the Rust batch path, small enough for memory.
 BATCH = 1000
-_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+#: Qwen3's reasoning-block delimiters, the default; a model adapter names its family's (``think_tags``)
+THINK_TAGS = ("<think>", "</think>")
 FEATURES = datasets.Features(
     {"input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32"))}
 )
 
 
-def strip_think(text: str) -> str:
+def strip_think(text: str, tags: tuple[str, str] = THINK_TAGS) -> str:
     """Remove every ``<think>...</think>`` block (empty ones too) and the whitespace after it.
 
     Qwen3 is distilled in non-reasoning mode, so chain-of-thought in distilled responses must go.
     """
-    return _THINK.sub("", text)
+    start, end = (re.escape(t) for t in tags)
+    return re.sub(rf"{start}.*?{end}\s*", "", text, flags=re.DOTALL)
 
 
 def _batches(items: Sequence, size: int = BATCH) -> Iterator[Sequence]:
@@ -201,7 +203,7 @@ def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tupl
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _messages(value: Any, where: str, row: int, strip: bool) -> list[dict]:
+def _messages(value: Any, where: str, row: int, strip: bool, tags: tuple[str, str] = THINK_TAGS) -> list[dict]:
     """Validated copy of one conversation: None-valued keys dropped (Arrow fills missing keys with
     None, and templates test ``'key' in message``), think blocks stripped from assistant turns."""
     if not isinstance(value, list):
@@ -216,7 +218,7 @@ def _messages(value: Any, where: str, row: int, strip: bool) -> list[dict]:
             )
         m = {k: v for k, v in m.items() if v is not None}
         if strip and m["role"] == "assistant" and m.get("content"):
-            m["content"] = strip_think(m["content"])
+            m["content"] = strip_think(m["content"], tags)
         out.append(m)
     return out
 
@@ -226,7 +228,7 @@ def _messages(value: Any, where: str, row: int, strip: bool) -> list[dict]:
 
 def format_source(
     raw: datasets.Dataset, source: DataSource, section: DataSection, tokenizer, index: int | None = None,
-    stats: SourceStats | None = None,
+    stats: SourceStats | None = None, think_tags: tuple[str, str] = THINK_TAGS,
 ) -> datasets.Dataset:
     """Tokenize one source's records into ``input_ids`` / ``labels`` rows of at most ``max_length``.
 
@@ -262,7 +264,7 @@ def format_source(
                     raise DataError(
                         f"{where}: row {row}: {key}={getattr(source, key)!r} holds {type(value).__name__}, not text"
                     )
-            response = strip_think(response or "") if section.strip_think else (response or "")
+            response = strip_think(response or "", think_tags) if section.strip_think else (response or "")
             if not response.strip():
                 empty += 1
                 continue
@@ -276,7 +278,7 @@ def format_source(
         end_tokens = end_of_turn_tokens(tokenizer)
         convs, texts = [], []
         for row, value in enumerate(raw[source.messages_field]):
-            messages = _messages(value, where, row, section.strip_think)
+            messages = _messages(value, where, row, section.strip_think, think_tags)
             if section.response_only and not any(
                 m["role"] == "assistant" and (m.get("content") or "").strip() for m in messages
             ):

@@ -24,6 +24,7 @@ from edgerazor.distill.console import use_log_lines
 from edgerazor.distill.features import record_residual_stream
 from edgerazor.adapters import ModelAdapter, adapter_for_model
 from edgerazor.errors import EdgeRazorError
+from edgerazor.file_modes import apply_umask
 from edgerazor.progress import library_bars_off
 from edgerazor.eval.perplexity import perplexity
 from edgerazor.distill.objective import ModelOutputs, check_vocabularies, distillation_loss
@@ -127,6 +128,7 @@ class DistillationTrainer(Trainer):
             (checkpoint / "recipe.yaml").write_text(dump_recipe(self.recipe))
             marker = checkpoint / (COMPLETE_MARKER + ".tmp")
             marker.write_text(f"{self.state.global_step}\n")
+            apply_umask(checkpoint)  # safetensors and torch.save write 0600 whatever the umask
             marker.replace(checkpoint / COMPLETE_MARKER)  # the commit point
             self._rotate()
 

@@ -18,25 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgerazor.errors import EdgeRazorError, OutputExistsError
+from edgerazor.file_modes import apply_umask
 
 #: ``foreign(path)``: None when ``path`` is a previous export of the format, else why it is not
 Recogniser = Callable[[Path], "str | None"]
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it: it is restored at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(path: Path) -> None:
-    """Give ``path`` (and everything under a directory) the modes a plain ``open`` / ``mkdir`` would."""
-    mask = current_umask()
-    paths = [path] + (sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
-    for p in paths:
-        if not p.is_symlink():
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def check_target(target: Path, overwrite: bool, foreign: Recogniser, what: str) -> None:

@@ -150,6 +150,7 @@ def quantize(
     config = model.config
     if not isinstance(adapter, ModelAdapter):
         adapter = resolve_adapter(config.model_type, adapter or recipe.model.adapter)
+    adapter.check_model(model)  # a layout the adapter does not know is named as such, before anything else
     plugins = get_plugins()
     w = q.weight
     group = w.group_size or adapter.default_group_size

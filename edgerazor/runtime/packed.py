@@ -7,6 +7,7 @@ the logits equal the fake-quant student's bit for bit, A8 and KV8 included.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +164,9 @@ class PackedWeight(nn.Module):
         weight.view(n_rows, -1, group).mul_(scales.to(torch.float32).unsqueeze(-1))
         return weight[:, : lay["d_in"]]
 
-    def materialize(self) -> None:
-        self.dense = self.rows().contiguous()
+    def materialize(self, dtype: torch.dtype = torch.float32) -> None:
+        """Dequantize once, kept in ``dtype`` (the model's compute dtype: no cast per forward)."""
+        self.dense = self.rows().to(dtype).contiguous()
 
     def forward(self) -> torch.Tensor:
         return self.dense if self.dense is not None else self.rows()
@@ -195,6 +197,7 @@ class PackedEmbedding(nn.Module):
         self.packed = weight
         self.padding_idx = padding_idx
         self.num_embeddings, self.embedding_dim = weight.layout["d_out"], weight.layout["d_in"]
+        self.compute_dtype = torch.float32  # the hidden states' dtype; set by load_packed
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.packed.dense is not None:
@@ -202,7 +205,7 @@ class PackedEmbedding(nn.Module):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
             raise IndexError(f"token ids must lie in [0, {self.num_embeddings}), got [{input_ids.min()}, {input_ids.max()}]")
         used, position = torch.unique(input_ids, return_inverse=True)
-        return self.packed.rows(used)[position]
+        return self.packed.rows(used)[position].to(self.compute_dtype)
 
 
 def is_packed(path: str | Path) -> bool:
@@ -228,16 +231,25 @@ def _built(what: str, file: Path, build):
                                 "inconsistent; export it again") from None
 
 
-def load_packed(path: str | Path, verify: bool = True, dense: bool = False):
+def stored_float_dtype(dtypes) -> str:
+    """The most common of ``dtypes`` (names, None for a non-float tensor): what a model's plain weights are stored in."""
+    counts = Counter(d for d in dtypes if d in ("float32", "bfloat16", "float16"))
+    return counts.most_common(1)[0][0] if counts else "float32"
+
+
+def load_packed(path: str | Path, verify: bool = True, dense: bool = False, compute_dtype: str = "auto"):
     """``(model, tokenizer)`` from a packed export; quantized layers compute from the packed codes.
 
     Every check of ``edgerazor.export.packed_format`` (checksums unless ``verify=False``, metadata against
     tensors, recipe and ``config.json`` against the layers, the tokenizer) passes before any weight is
     allocated: a damaged or inconsistent export is a ``PackedFormatError``, never a different model.
-    ``dense=True`` dequantizes every layer once at load (float32 weights: several times faster
-    generation, float32 memory); the default keeps only the packed bytes in memory. Both give the
-    same logits bit for bit.
+    ``dense=True`` dequantizes every layer once at load (several times faster generation, a float
+    weight's memory); the default keeps only the packed bytes in memory. Both give the same logits
+    bit for bit. ``compute_dtype`` as in ``edgerazor.load``: ``auto`` computes in the dtype the plain
+    tensors are stored in where this CPU does so natively, else in float32; weights are always
+    dequantized in float32 first, exactly as training did.
     """
+    from edgerazor.precision import cast_parameters, compute_dtype_for
     from edgerazor.quant.surgery import quantize
 
     path = Path(path)
@@ -280,10 +292,17 @@ def load_packed(path: str | Path, verify: bool = True, dense: bool = False):
             f"{path / WEIGHTS_FILE} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(plain, strict=False)
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    compute = compute_dtype_for(stored_float_dtype(names.get(t.dtype) for t in plain.values()), compute_dtype)
+    cast_parameters(model, compute)  # the packed parts are buffers: they stay as stored
+    dtype = getattr(torch, compute)
+    for module in model.modules():
+        if isinstance(module, PackedEmbedding):
+            module.compute_dtype = dtype
     workspace = Workspace()
     for weight in packed.values():
         weight.workspace = workspace
         if dense:
-            weight.materialize()
+            weight.materialize(dtype)
     model.eval()
     return model, tokenizer
