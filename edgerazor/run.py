@@ -62,12 +62,9 @@ def gap_closure(teacher_ppl: float, rtn_ppl: float, student_ppl: float) -> float
 
 def teacher_config(location: str, trust_remote_code: bool = False):
     """The teacher's config alone (no weights): enough to choose its adapter and check the recipe."""
-    from transformers import AutoConfig
+    from edgerazor.shapes import model_config
 
-    try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise EdgeRazorError(f"cannot read the teacher's config from {location!r}: {exc}".splitlines()[0]) from None
+    return model_config(location, trust_remote_code)
 
 
 def select_adapter(location: str, requested: str | None, trust_remote_code: bool = False) -> ModelAdapter:

@@ -21,6 +21,22 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
+def model_config(location: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of a model directory or hub id (``from_pretrained``'s ``location``), failing fast:
+    a missing directory is one line, an unreachable Hub is one line at once (not after retries)."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        try:
+            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise EdgeRazorError(f"model {location!r}: {_first_line(exc)}") from None
+    if path.exists():
+        raise EdgeRazorError(f"model {location!r} is a file: give the model's directory (with config.json) or a hub id")
+    if _HUB_ID.match(location) and not location.startswith((".", "/", "~")):
+        return hub_config(location, trust_remote_code)
+    raise EdgeRazorError(f"model directory {location!r} does not exist (nor is it a hub id like Qwen/Qwen3-0.6B)")
+
+
 def load_config(path: str | Path) -> PretrainedConfig:
     """A config from a ``config.json`` file or a directory holding one."""
     path = Path(path)
@@ -72,14 +88,14 @@ def resolve_model(spec: str) -> tuple[PretrainedConfig, str]:
                          "(or give a hub id like Qwen/Qwen3-0.6B, or a local directory with a config.json)")
 
 
-def hub_config(repo_id: str) -> PretrainedConfig:
+def hub_config(repo_id: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """``AutoConfig.from_pretrained(repo_id)``: the local cache first, the Hub only when it answers.
 
     huggingface_hub retries an unreachable Hub for about half a minute before giving up, so a
     connection is tried first and an unreachable Hub is one error line at once.
     """
     try:
-        return _from_pretrained(repo_id, local_files_only=True)
+        return _from_pretrained(repo_id, local_files_only=True, trust_remote_code=trust_remote_code)
     except OSError:
         pass  # not in the cache
     from huggingface_hub import is_offline_mode
@@ -93,7 +109,7 @@ def hub_config(repo_id: str) -> PretrainedConfig:
         raise EdgeRazorError(f"cannot reach {constants.ENDPOINT} to read the config of {repo_id!r} (not in the local "
                              "cache): give a local directory or a built-in name, or check the connection")
     try:
-        return _from_pretrained(repo_id)
+        return _from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise EdgeRazorError(f"model {repo_id!r}: {_first_line(exc)}") from None
 

@@ -51,7 +51,7 @@ from edgerazor import llama_cpp as lc
 from edgerazor.llama_cpp import build as lc_build
 from edgerazor.llama_cpp.agreement import Agreement, compare
 from edgerazor.export.gguf import write_gguf
-from tests.helpers import SHARED, tiny_llama_config
+from tests.helpers import REPO, SHARED, tiny_llama_config
 
 _BUILT = lc.find_llama_cpp()
 _BINDINGS = lc.llama_cpp_python_available()
@@ -356,3 +356,15 @@ def test_the_default_build_is_portable_and_keyed_by_its_options():
     native, ident = lc_build._cache_key("0.3.36", True)
     assert portable != native and "cpu_flags" in ident
     assert portable.startswith("0.3.36-") and lc_build._cache_key("0.3.35", False)[0] != portable
+
+
+def test_agreement_tool_errors_are_one_line(tmp_path):
+    """tools/llama_cpp_agreement.py on a path that holds no student: one line, exit 2, before llama.cpp is needed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "llama_cpp_agreement.py"), str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("edgerazor: error: ")
+    assert "Traceback" not in proc.stderr

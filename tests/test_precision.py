@@ -5,6 +5,7 @@ without native bfloat16 (what it did recorded in results.json)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_this_machine_is_read_from_torch_and_the_cpu():
     assert f"torch capability {here.isa}" in line
     for dtype in ("bfloat16", "float16"):
         assert info[dtype]["native"] == native(dtype, here).native
-        assert (" native (" if info[dtype]["native"] else " emulated (") in line.split(dtype, 1)[1][:12]
+        assert re.search(f"[:,] {dtype} {'native' if info[dtype]['native'] else 'emulated'} \\(", line), line
 
 
 @pytest.fixture(scope="module")

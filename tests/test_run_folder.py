@@ -155,3 +155,22 @@ def test_resume_refuses_changes_it_cannot_honour_and_accepts_safe_ones(teacher_d
     assert code == 0, err
     assert json.loads((out / "results.json").read_text())["train_steps"] == 2
     assert not list(tmp_path.glob(".out.replaced-*"))
+
+
+def test_a_missing_teacher_is_one_line_before_anything_else(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text(TEXT)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"sources": [{"path": str(tmp_path / "c.txt")}], "eval_fraction": 0.1}}))
+    code = main(["run", "--recipe", str(recipe), "--teacher", str(tmp_path / "no-teacher"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"edgerazor: error: model directory '{tmp_path / 'no-teacher'}' does not exist "
+                                 "(nor is it a hub id like Qwen/Qwen3-0.6B)"]
+
+
+def test_kv_group_error_does_not_suggest_padding(tiny_qwen3):
+    import edgerazor
+
+    with pytest.raises(QuantizationError) as info:
+        edgerazor.quantize(tiny_qwen3, {"quant": {"weight": {"group_size": 64}, "kv_cache": {"group_size": 24}}})
+    message = str(info.value)
+    assert "quant.kv_cache.group_size 24 does not divide its head_dim 32" in message and "pad" not in message

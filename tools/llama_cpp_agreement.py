@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgerazor.llama_cpp.agreement import compare
     from edgerazor.llama_cpp import ensure_llama_cpp
 
-    ensure_llama_cpp()
     student = args.run / "student" if (args.run / "student" / "config.json").is_file() else args.run
-    model, tokenizer = edgerazor.load(student)
+    model, tokenizer = edgerazor.load(student)  # a bad path fails here, before llama.cpp is looked for
+    ensure_llama_cpp()
     ids = tokenizer.encode(held_out_text(args.run, args.text)[args.skip_chars:], add_special_tokens=False)
     if len(ids) < args.tokens:
         raise SystemExit(f"the text has {len(ids)} tokens; --tokens {args.tokens} asks for more")
@@ -82,5 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with EdgeRazor's error convention: a missing build or bindings is one line, exit 2."""
+    sys.path.insert(0, str(REPO))
+    from edgerazor.errors import EdgeRazorError
+
+    try:
+        return main(argv)
+    except (EdgeRazorError, OSError) as exc:
+        print(f"edgerazor: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -94,10 +94,15 @@ def _check_group(name: str, dim: int, group_size: int, pad: bool, what: str = "i
         return dim
     if pad:
         return -(-dim // group_size) * group_size
-    divisors = [g for g in (32, 64, 128, 192, 256, 320) if dim % g == 0]
+    divisors = ", ".join(str(g) for g in (8, 16, 32, 64, 128, 192, 256, 320) if dim % g == 0 and g < dim) or "a divisor"
+    if what.startswith("head_dim"):  # K/V groups run along head_dim: padding would not help
+        raise QuantizationError(
+            f"layer {name!r}: quant.kv_cache.group_size {group_size} does not divide its head_dim {dim}; "
+            f"use a group size that divides {dim} (e.g. {divisors}) or leave it unset (one group per head)"
+        )
     raise QuantizationError(
         f"layer {name!r}: group size {group_size} does not divide its {what} {dim}; "
-        f"use a group size that divides {dim} (e.g. {', '.join(map(str, divisors)) or 'a divisor'}) "
+        f"use a group size that divides {dim} (e.g. {divisors}) "
         "or set quant.weight.pad=true to zero-pad each row to a multiple of the group size"
     )
 
