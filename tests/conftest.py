@@ -17,8 +17,8 @@ from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
 from edgerazor.plugin_manager import reload_plugins
 from tests.helpers import (
-    PLUGIN_DIR, PLUGIN_EP, PLUGIN_MODULE, PLUGINS_ENV, forget_plugin_modules, require_shared, tiny_llama_config,
-    tiny_qwen3_config,
+    PLUGIN_DIR, PLUGIN_EP, PLUGIN_MODULE, PLUGINS_ENV, TINY_TEXT, forget_plugin_modules, require_shared,
+    tiny_llama_config, tiny_qwen3_config,
 )
 
 
@@ -87,3 +87,18 @@ def example_plugin(plugin_site, restore_plugins):
     monkeypatch.syspath_prepend(str(plugin_site))
     forget_plugin_modules()
     return reload_plugins()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A saved tiny Qwen3 teacher with its tokenizer, and ``corpus.txt`` to distil on (for ``edgerazor run``)."""
+    from tests.tokenizer_utils import train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer([TINY_TEXT], vocab_size=384)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(vocab_size=len(tok), num_hidden_layers=2))
+    path = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "corpus.txt").write_text(TINY_TEXT * 3)
+    return path

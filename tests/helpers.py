@@ -19,6 +19,9 @@ from edgerazor.plugin_manager import PLUGINS_ENV
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+#: a few lines of text the tiny tokenizers and teachers of the run tests train and distil on
+TINY_TEXT = "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n" * 40
+
 #: the third-party test distribution (tests/thirdparty_plugin), installed for real by the plugin_site fixture
 PLUGIN_DIR = REPO / "tests" / "thirdparty_plugin"
 PLUGIN_MODULE = "edgerazor_example_plugin"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
-from transformers import Qwen3ForCausalLM
 
 import edgerazor
 from edgerazor.cli import main
@@ -15,21 +13,6 @@ from edgerazor.eval.perplexity import perplexity
 from edgerazor.run import builtin_recipe, gap_closure
 from edgerazor.quant import QuantLinear
 from edgerazor.recipe import load_recipe
-from tests.helpers import tiny_qwen3_config
-from tests.tokenizer_utils import train_tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    shakespeare = "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n" * 40
-    tok = train_tiny_tokenizer([shakespeare], vocab_size=384)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(tiny_qwen3_config(vocab_size=len(tok), num_hidden_layers=2))
-    path = tmp_path_factory.mktemp("teacher")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / "corpus.txt").write_text(shakespeare * 3)
-    return path
 
 
 @pytest.mark.slow

@@ -7,30 +7,16 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config
 
 from edgerazor.cli import main
 from edgerazor.errors import EdgeRazorError, OutputExistsError, QuantizationError
 from edgerazor.run import run_command
 from edgerazor.run_folder import SAFE_RESUME_CHANGES, check_resume, prepare_output, recipe_changes
 from tests.helpers import tiny_qwen3_config
-from tests.tokenizer_utils import train_tiny_tokenizer
 
-TEXT = "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n" * 40
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    tok = train_tiny_tokenizer([TEXT], vocab_size=384)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(tiny_qwen3_config(vocab_size=len(tok), num_hidden_layers=2))
-    path = tmp_path_factory.mktemp("teacher")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / "corpus.txt").write_text(TEXT * 3)
-    return path
+from tests.helpers import TINY_TEXT as TEXT
 
 
 def recipe_file(tmp_path, teacher_dir, **train):
