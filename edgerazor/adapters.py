@@ -97,14 +97,9 @@ class ModelAdapter:
 
     def from_config(self, config: PretrainedConfig, device: str = "meta") -> nn.Module:
         """A model of ``config``'s shape with random weights (``meta``: no memory; tests, size accounting)."""
-        import torch
-        import transformers
+        from edgerazor.shapes import build_model
 
-        cls = self.model_class(config)
-        with torch.device(device):
-            if cls is transformers.AutoModelForCausalLM:
-                return cls.from_config(config)
-            return cls(config)
+        return build_model(config, device, self.model_class(config))
 
     def load_config(self, location: str, trust_remote_code: bool = False) -> PretrainedConfig:
         from transformers import AutoConfig

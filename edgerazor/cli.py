@@ -18,7 +18,8 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgerazor.shapes import build_model, load_config, resolve_model
+    from edgerazor.adapters import resolve_adapter
+    from edgerazor.shapes import load_config, resolve_model
     from edgerazor.quant import count_bits, quantize
     from edgerazor.recipe import load_recipe
 
@@ -37,8 +38,9 @@ def _cmd_bits(args: argparse.Namespace) -> int:
         if g is not None:
             sets += [f"quant.weight.group_size={g}", f"quant.embedding.group_size={g}", f"quant.lm_head.group_size={g}"]
     recipe = load_recipe(args.recipe, sets + list(args.set or []))
-    model = build_model(config, "meta")
-    report = quantize(model, recipe, adapter=args.adapter)
+    family = resolve_adapter(config.model_type, args.adapter or recipe.model.adapter)
+    model = family.from_config(config, "meta")  # the family's adapter builds it: no memory on meta
+    report = quantize(model, recipe, adapter=family)
     summary = count_bits(model)
     data = summary.to_dict() | {"w_a_kv": report.w_a_kv, "model": args.model or str(args.model_config)}
     if args.json:

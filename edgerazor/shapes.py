@@ -147,9 +147,9 @@ def model_class(config: PretrainedConfig):
     return transformers.AutoModelForCausalLM
 
 
-def build_model(config: PretrainedConfig, device: str = "meta"):
-    """Instantiate ``config``'s architecture; on ``meta`` no memory is allocated."""
-    cls = model_class(config)
+def build_model(config: PretrainedConfig, device: str = "meta", cls=None):
+    """Instantiate ``config``'s architecture (or ``cls``); on ``meta`` no memory is allocated."""
+    cls = cls or model_class(config)
     with torch.device(device):
         if cls is transformers.AutoModelForCausalLM:
             return cls.from_config(config)
