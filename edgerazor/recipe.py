@@ -101,6 +101,16 @@ class TableQuant(Section):
     group_size: int | None = Field(None, gt=0, description="default: the weight group size")
 
 
+class ComponentQuant(Section):
+    """A component beyond decoder / embedding / lm_head (``quant.components.<name>``, e.g. ``vision``),
+    named as the adapter's ``components()`` names it; an unset key keeps the adapter's default."""
+
+    quantizer: str | None = Field("int4", description="quantizer plugin, or null to keep the component 16-bit")
+    group_size: int | None = Field(None, gt=0, description="default: the adapter's for the component, else the weight group size")
+    pad: bool | None = Field(None, description="zero-pad rows to a multiple of group_size (reported per layer)")
+    include_conv3d: bool | None = Field(None, description="also quantize the component's nn.Conv3d (patch embedding)")
+
+
 class QuantSection(Section):
     scheme: str | None = Field(None, description="W-A-KV shorthand such as '1.88-8-8' or '4-16-16'")
     weight: WeightQuant = WeightQuant()
@@ -108,6 +118,8 @@ class QuantSection(Section):
     kv_cache: KVCacheQuant = KVCacheQuant()
     embedding: TableQuant = TableQuant()
     lm_head: TableQuant = TableQuant()
+    components: dict[str, ComponentQuant] = Field(
+        default_factory=dict, description="other components by the adapter's names (vision, audio, ...)")
     include: list[str] | None = Field(None, description="module-name globs to quantize; default: the adapter's decoder")
     exclude: list[str] = Field(default_factory=list, description="module-name globs to leave in 16-bit")
 
@@ -176,6 +188,14 @@ class DataSource(Section):
     )
     max_samples: int | None = Field(
         None, gt=0, description="cap on rows taken from this source: records, or packed blocks for 'text'"
+    )
+    # video rows (edgerazor.data.video): {video_field: path relative to the file, prompt_field, response_field}
+    video_field: str = Field("video", description="video rows: the column holding the clip's path")
+    fps: float = Field(2.0, gt=0, description="video rows: frames sampled per second of clip (Qwen2.5-Omni: 2)")
+    min_pixels: int = Field(128 * 28 * 28, gt=0, description="video rows: fewest pixels per resized frame")
+    max_pixels: int = Field(768 * 28 * 28, gt=0, description="video rows: most pixels per resized frame")
+    on_bad_video: Literal["error", "skip"] = Field(
+        "error", description="a missing or unreadable clip: stop naming file and row, or skip it and count it"
     )
 
     def describe(self, index: int | None = None) -> str:
