@@ -120,8 +120,9 @@ def measure_ratio(dtype: str, device: str = "cpu") -> float:
     """Best time of a 256x512 @ 512x512 matmul in ``dtype`` over float32's, once per process.
 
     The scalar fallback is ~100x slower than float32; a native (or well converted) half matmul is
-    about as fast or faster. Best-of-N, so a busy machine can only inflate a time, and float32 (about
-    a millisecond) gets more tries. Costs well under a second either way.
+    about as fast or faster. One thread, and the two dtypes in alternating rounds with the best
+    time of each kept: other processes on the machine can only inflate a time, and then both.
+    Costs well under a second either way.
     """
     import time
 
@@ -130,21 +131,24 @@ def measure_ratio(dtype: str, device: str = "cpu") -> float:
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(256, 512, generator=generator).to(device)
     b = torch.randn(512, 512, generator=generator).to(device)
-
-    def best(x, y, tries: int) -> float:
-        times = []
+    pairs = {"float32": (a, b), dtype: (a.to(getattr(torch, dtype)), b.to(getattr(torch, dtype)))}
+    best = {name: float("inf") for name in pairs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         with torch.no_grad():
-            for _ in range(tries + 1):  # the first is a warm-up
-                start = time.perf_counter()
-                x @ y
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        return min(times[1:])
-
-    full = best(a, b, 8)
-    half = best(a.to(getattr(torch, dtype)), b.to(getattr(torch, dtype)), 3)
-    return half / max(full, 1e-9)
+            for round_ in range(4):  # round 0 warms up
+                for name, (x, y) in pairs.items():
+                    for _ in range(3 if name == "float32" else 1):
+                        start = time.perf_counter()
+                        x @ y
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        if round_:
+                            best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best[dtype] / max(best["float32"], 1e-9)
 
 
 @dataclass(frozen=True)

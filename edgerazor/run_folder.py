@@ -30,6 +30,7 @@ CHECKPOINTS = "checkpoints"
 SAFE_RESUME_CHANGES = frozenset({
     "name", "description", "train.max_steps", "train.num_epochs", "train.logging_steps", "train.save_steps",
     "train.save_total_limit", "train.eval_steps", "train.dataloader_num_workers", "export.format",
+    "model.compute_dtype",  # the arithmetic, not what is stored: a resume on another machine may differ
 })
 
 

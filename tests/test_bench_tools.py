@@ -27,6 +27,11 @@ def test_bench_train_quick(tmp_path):
 
     assert {"meta", "shape", "train_step", "kl"} <= set(results)
     assert results["meta"]["quick"] is True
+    # the default dtype is one this machine computes natively, and the header says which it has
+    machine = results["meta"]["precision"]
+    assert results["shape"]["dtype"] == ("bfloat16" if machine["bfloat16"]["native"] else "float32")
+    assert results["shape"]["dtype_native"] is True
+    assert f"torch capability {machine['capability']}" in proc.stdout.replace("\n", " ")
     shape = results["shape"]
     assert (shape["hidden_size"], shape["vocab_size"], shape["num_hidden_layers"]) == (64, 1000, 1)
 

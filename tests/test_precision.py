@@ -193,3 +193,25 @@ def test_run_trains_a_bf16_recipe_in_float32_on_a_cpu_without_native_bf16(tmp_pa
     model, tokenizer = edgerazor.load(out / "student", compute_dtype="float32")
     _, evaluation = build_datasets(recipe_from_dict(recipe).data, tokenizer)
     assert perplexity(model, evaluation, 4, progress=False) == written["student_ppl"]
+
+
+def test_generate_says_once_when_it_computes_in_float32_and_keep_dtype_insists(tmp_path, fresh_announcements, capsys):
+    """On this machine, whichever kind it is: the line appears exactly when float16 is not native here."""
+    from edgerazor.cli import main
+
+    tok = train_tiny_tokenizer(["To be, or not to be, that is the question. " * 40], vocab_size=320)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(vocab_size=len(tok))).to(torch.float16)
+    edgerazor.quantize(model, {"model": {"dtype": "float16"},
+                               "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}}})
+    model.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    here = native("float16")
+    for keep in (False, True):
+        argv = ["generate", str(tmp_path / "student"), "--prompt", "To be", "--max-new-tokens", "2"]
+        assert main(argv + ["--keep-dtype"] * keep) == 0
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("edgerazor: computing in")]
+        expected = [] if keep or here.native else [
+            f"edgerazor: computing in float32: {here.why_not()}; the model's float16 still decides what is stored "
+            "and exported (--keep-dtype to insist)"]
+        assert lines == expected

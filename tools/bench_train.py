@@ -1,9 +1,14 @@
-"""Training benchmark: one distillation step vs one plain BF16 fine-tuning step, and chunked vs naive KL.
+"""Training benchmark: one distillation step vs one plain fine-tuning step, and chunked vs naive KL.
 
     python tools/bench_train.py                          # CPU: Qwen3-0.6B width/vocab, 2 layers, 2 x 128 tokens
     python tools/bench_train.py --quick                  # a tiny shape (smoke test, seconds)
     python tools/bench_train.py --device cuda --liger    # Qwen3-0.6B (28 layers) on a GPU, Liger beside ours
     python tools/bench_train.py --layers 4 --seq 256 --batch 1 --dtype bfloat16 --tokens 1024
+
+``--dtype`` (weights and logits) defaults to ``auto``: bfloat16 where the device computes it natively,
+else float32 (``edgerazor.precision`` decides, in a child: the header prints the device's capability
+and the decision for both half dtypes). A half dtype the device does not compute natively runs
+torch's scalar fallback, ~100x slower; asked for explicitly, it is measured and labelled "emulated".
 
 Measurements (each in a fresh child process, so none pollutes another's memory):
 
@@ -403,7 +408,15 @@ def run_liger(spec: dict[str, Any]) -> dict[str, Any]:
     return measure(step, mem, origin, spec["warmup"], spec["repeats"])
 
 
-RUNNERS = {"train": run_train_step, "kl": run_kl, "liger": run_liger}
+def run_precision(spec: dict[str, Any]) -> dict[str, Any]:
+    """The device's capability and whether it computes bfloat16 / float16 natively (imports torch: a child)."""
+    from edgerazor import precision
+
+    _setup(spec)
+    return precision.summary(precision.probe(spec["device"]))
+
+
+RUNNERS = {"train": run_train_step, "kl": run_kl, "liger": run_liger, "precision": run_precision}
 
 
 def _child(conn, kind: str, spec: dict[str, Any]) -> None:
@@ -498,22 +511,28 @@ def _fmt_mib(m: float) -> str:
     return f"{m / 1024:.2f} GiB" if m >= 1024 else f"{m:.1f} MiB"
 
 
+def _dtype_label(shape: dict[str, Any]) -> str:
+    """``bfloat16``, or ``bfloat16 (emulated)`` where the device has no native matmul for it."""
+    return shape["dtype"] + ("" if shape.get("dtype_native", True) else " (emulated)")
+
+
 def render(results: dict[str, Any], console) -> None:
     from rich.table import Table
 
     shape, train = results["shape"], results["train_step"]
     mem_kind = "RSS" if results["meta"]["device"] == "cpu" else "CUDA allocated"
+    console.print(f"machine: {results['meta']['machine']}")
     t = Table(title=(
         f"Training step on {results['meta']['device']}: Qwen3 shape h={shape['hidden_size']}, "
         f"L={shape['num_hidden_layers']}, V={shape['vocab_size']:,}, batch {shape['batch']} x {shape['seq']} tokens, "
-        f"{shape['dtype']} ({mem_kind})"
+        f"{_dtype_label(shape)} ({mem_kind})"
     ))
     for col in ("step", "median time (range)", "state", "step peak extra", "total peak", "loss"):
         t.add_column(col, justify="left" if col == "step" else "right")
     t.caption = ("distill: frozen 16-bit teacher (no_grad) + fake-quantized W1.88-A8-KV8 student, CE + adaptive "
                  "LAFD + EAKLD-mixed FKL/RKL, backward, AdamW; fine-tune: the unquantized student, CE, backward, "
                  "AdamW. state: resident before the step (models, optimizer state); total = state + step peak extra")
-    labels = {"distill": "distill W1.88-A8-KV8", "finetune": f"fine-tune {shape['dtype']}"}
+    labels = {"distill": "distill W1.88-A8-KV8", "finetune": f"fine-tune {_dtype_label(shape)}"}
     for key in ("distill", "finetune"):
         m = train[key]
         t.add_row(labels[key], _fmt_times(m), _fmt_mib(m["state_mib"]), _fmt_mib(m["step_peak_extra_mib"]),
@@ -524,7 +543,8 @@ def render(results: dict[str, Any], console) -> None:
     console.print(t)
 
     kl = results["kl"]
-    t = Table(title=f"Full-vocabulary KL + CE, N={kl['tokens']} tokens, V={kl['vocab']:,}, {kl['dtype']} logits ({mem_kind})")
+    t = Table(title=f"Full-vocabulary KL + CE, N={kl['tokens']} tokens, V={kl['vocab']:,}, "
+                    f"{_dtype_label(shape)} logits ({mem_kind})")
     for col in ("divergence", "median time (range)", "inputs", "step peak extra", "loss", "grad norm"):
         t.add_column(col, justify="left" if col == "divergence" else "right")
     t.caption = (f"naive: float32 log_softmax of both [N, V] + FKL/RKL/CE, plain autograd; chunked: distill_sums, "
@@ -604,7 +624,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         runs = {k: m for k, m in liger["runs"].items() if "error" not in m}
         bars(axes[3], list(runs), [m["step_peak_extra_mib"] for m in runs.values()],
              f"fused linear, N={liger['tokens']}: peak extra", "MiB", ["tab:green", "tab:purple", "tab:orange"][: len(runs)])
-    fig.suptitle(f"bench_train on {results['meta']['device']}", fontsize=10)
+    fig.suptitle(f"bench_train on {results['meta']['device']}, {_dtype_label(results['shape'])}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -629,8 +649,9 @@ def parse_args(argv: list[str] | None):
                         help="decoder layers (default: 2 on CPU, the config's on CUDA)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128 CPU, 1024 CUDA)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2 CPU, 4 CUDA)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="teacher/student weights and logits (default bfloat16)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="teacher/student weights and logits (default auto: bfloat16 where the device "
+                             "computes it natively, else float32)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="distill.chunk_size of the objective (default 1024)")
     parser.add_argument("--tokens", type=int, default=None, help="KL response tokens N (default 512; --quick 32)")
     parser.add_argument("--vocab", type=int, default=None, help="KL vocabulary (default 151936; --quick 1000)")
@@ -679,6 +700,21 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context(args.start_method)
     if args.start_method == "forkserver":
         ctx.set_forkserver_preload(["torch", "transformers", "edgerazor", "edgerazor.distill.objective"])
+    try:
+        machine = run_child(ctx, "precision", {"device": args.device, "threads": args.threads}, "precision check",
+                            console)
+    except ChildError as exc:
+        console.print(f"[red]bench_train failed:[/red] {exc}")
+        return 2
+    from edgerazor.precision import summary_line
+
+    console.print(f"machine: {summary_line(machine)}")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if machine["bfloat16"]["native"] else "float32"
+    native = args.dtype == "float32" or bool(machine[args.dtype]["native"])
+    if not native:
+        console.print(f"[yellow]--dtype {args.dtype}: not native on this device; torch's scalar fallback is "
+                      f"measured (labelled emulated)[/yellow]")
     common = {"device": args.device, "dtype": args.dtype, "threads": args.threads,
               "warmup": args.warmup, "repeats": args.repeats}
     train_spec = {**common, "model": shape, "batch": args.batch, "seq": args.seq,
@@ -732,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device, "platform": platform.platform(), "python": platform.python_version(),
             "versions": versions, "cpu_count": os.cpu_count(), "threads": args.threads,
             "start_method": args.start_method, "warmup": args.warmup, "repeats": args.repeats,
+            "precision": machine, "machine": summary_line(machine),
             "quick": args.quick, "argv": sys.argv[1:] if argv is None else list(argv),
             "memory": "peak RSS (ru_maxrss after a clear_refs reset) minus RSS before the step" if args.device == "cpu"
             else "torch.cuda.max_memory_allocated minus memory_allocated before the step",
@@ -739,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {**{k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
                                             "num_attention_heads", "num_key_value_heads", "head_dim")},
                   "model_config": str(args.model_config or (DEFAULT_MODEL_CONFIG if not args.quick else "--quick")),
-                  "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "scheme": "W1.88-A8-KV8",
+                  "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "dtype_native": native,
+                  "scheme": "W1.88-A8-KV8",
                   "group_size": train_spec["group_size"], "objective_chunk_size": args.chunk_size,
                   "student_params": finetune["params"]},
         "train_step": {
