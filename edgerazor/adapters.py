@@ -40,7 +40,11 @@ class Component:
 
     ``patterns`` are module-name globs (``embedding`` and ``lm_head`` are found through
     ``get_input_embeddings`` / ``get_output_embeddings`` instead); ``quantized`` is the default
-    (16-bit when False); ``group_size`` None means the decoder's.
+    (16-bit when False); ``group_size`` None means the decoder's. For a component beyond decoder,
+    embedding and lm_head (a vision or audio encoder), ``quantizer``, ``pad`` and ``include_conv3d``
+    are its defaults under the recipe's ``quant.components.<name>``: every ``nn.Linear`` under
+    ``patterns`` (and every ``nn.Conv3d`` when ``include_conv3d``) is weight-quantized, rows
+    zero-padded to a multiple of the group size when ``pad`` (reported per layer by ``quantize``).
     """
 
     name: str
@@ -48,6 +52,9 @@ class Component:
     quantized: bool = True
     group_size: int | None = None
     description: str = ""
+    quantizer: str = "int4"
+    pad: bool = False
+    include_conv3d: bool = False
 
 
 @dataclass(frozen=True)

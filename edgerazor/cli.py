@@ -21,6 +21,7 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     from edgerazor.adapters import resolve_adapter
     from edgerazor.shapes import load_config, resolve_model
     from edgerazor.quant import count_bits, quantize
+    from edgerazor.quant.bits import component_counts
     from edgerazor.recipe import load_recipe
 
     if args.model is not None:
@@ -28,13 +29,16 @@ def _cmd_bits(args: argparse.Namespace) -> int:
         label = args.model
     else:
         config, label = load_config(args.model_config), Path(args.model_config).name
+    named = resolve_adapter(config.model_type, args.adapter)  # the recipe's model.adapter is checked below
+    extra_components = [c.name for c in named.components() if c.name not in ("decoder", "embedding", "lm_head")]
     if args.baseline:
-        # The paper's "other methods" rows: decoder only, 4-bit, G=128, embedding and lm_head in 16-bit.
+        # The paper's "other methods" rows: decoder only, 4-bit, G=128, everything else in 16-bit.
         sets = ["quant.weight.rho=1", "quant.weight.group_size=128", "quant.embedding.quantizer=null",
-                "quant.lm_head.quantizer=null"]
+                "quant.lm_head.quantizer=null"] + [f"quant.components.{c}.quantizer=null" for c in extra_components]
     else:
         g = args.group_size
-        sets = [f"quant.weight.rho={args.rho}"]
+        rho = args.rho if args.rho is not None else named.extra.get("default_rho", 0.125)
+        sets = [f"quant.weight.rho={rho}"]
         if g is not None:
             sets += [f"quant.weight.group_size={g}", f"quant.embedding.group_size={g}", f"quant.lm_head.group_size={g}"]
     recipe = load_recipe(args.recipe, sets + list(args.set or []))
@@ -42,7 +46,10 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     model = family.from_config(config, "meta")  # the family's adapter builds it: no memory on meta
     report = quantize(model, recipe, adapter=family)
     summary = count_bits(model)
-    data = summary.to_dict() | {"w_a_kv": report.w_a_kv, "model": args.model or str(args.model_config)}
+    components = component_counts(model, family)
+    paper = family.extra.get("paper_bits", {}).get(args.model or "")
+    data = summary.to_dict() | {"w_a_kv": report.w_a_kv, "model": args.model or str(args.model_config),
+                                "components": components} | ({"paper": paper} if paper else {})
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -56,6 +63,18 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     table.add_row("BF16 size", format_size(summary.bf16_bytes))
     table.add_row("quantized size", format_size(summary.quantized_bytes))
     table.add_row("compression ratio", f"{summary.compression_ratio:.2f}x")
+    padded = [r for r in report.layers if r.padded_d_in != r.d_in]
+    if padded:
+        table.add_row("layers with rows zero-padded to a multiple of G", str(len(padded)))
+    for name, count in components.items():
+        if count["params"]:
+            table.add_row(f"{name}: parameters (quantized)",
+                          f"{count['params']:,} ({count['quantized_params'] / count['params']:.2%})")
+    if paper:
+        for method, ref in paper.items():
+            if isinstance(ref, dict):
+                table.add_row(f"paper {paper['table']}, {method}",
+                              f"{ref['quantized_fraction']:.2%} quantized, {ref['compression_ratio']:.2f}x")
     Console().print(table)
     return 0
 
@@ -259,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true",
                           help="send the prompt as a user message through the tokenizer's chat template")
     generate.add_argument("--dense", action="store_true",
-                          help="packed exports: dequantize once at load (faster, float32 memory; same tokens)")
+                          help="packed exports: dequantize once at load (faster, a float weight's memory; same tokens)")
     generate.add_argument("--keep-dtype", action="store_true",
                           help="compute in the model's stored dtype even where this CPU has no native half "
                                "precision (default: float32 there, ~100x faster)")
@@ -270,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--model", metavar="NAME|HUB_ID|PATH",
                        help="a built-in shape (qwen3-0.6b, qwen3-1.7b, mobilellm-350m, ...), a hub id or a local directory")
     shape.add_argument("--model-config", type=Path, help="config.json (or its directory)")
-    bits.add_argument("--rho", type=float, default=0.125, help="fraction of 4-bit rows (default 1/8: 1.88-bit)")
+    bits.add_argument("--rho", type=float, default=None,
+                      help="fraction of 4-bit rows (default 1/8: 1.88-bit, or the adapter's: 1 for Qwen2.5-Omni)")
     bits.add_argument("--group-size", type=int, default=None, help="group size (default: the adapter's)")
     bits.add_argument("--baseline", action="store_true", help="other methods: decoder only, 4-bit, G=128")
     bits.add_argument("--recipe", type=Path, default=None, help="start from this recipe")

@@ -34,6 +34,7 @@ DEFAULT_PLUGINS = (
     "edgerazor.plugins.exporters",
     "edgerazor.model_adapters.qwen3",
     "edgerazor.model_adapters.mobilellm",
+    "edgerazor.model_adapters.qwen2_5_omni",
     "edgerazor.model_adapters.generic",
 )
 

@@ -40,6 +40,7 @@ BUILTINS = {  # (registry, name) -> the DEFAULT_PLUGINS module that registers it
     ("allocations", "random"): "edgerazor.plugins.allocations",
     ("adapters", "qwen3"): "edgerazor.model_adapters.qwen3",
     ("adapters", "mobilellm"): "edgerazor.model_adapters.mobilellm",
+    ("adapters", "qwen2_5_omni"): "edgerazor.model_adapters.qwen2_5_omni",
 }
 
 
@@ -150,7 +151,7 @@ def test_unknown_name_lists_available_choices(tiny_qwen3):
     # and through the public API, from a recipe
     with pytest.raises(PluginError, match=r"unknown allocations entry 'nope'; available: .*super_group"):
         edgerazor.quantize(tiny_qwen3, {"quant": {"weight": {"allocation": "nope", "group_size": 64}}})
-    with pytest.raises(PluginError, match=r"unknown adapters entry 'phi9'; available: generic, mobilellm, qwen3"):
+    with pytest.raises(PluginError, match=r"unknown adapters entry 'phi9'; available: generic, mobilellm, qwen2_5_omni, qwen3"):
         edgerazor.quantize(tiny_qwen3, {"model": {"adapter": "phi9"}})
 
 

@@ -32,13 +32,16 @@ from edgerazor.export.packed_format import (  # noqa: F401 - the format's names,
     codec_of, manifest_of, quant_structure, read_packed, tokenizer_summary,
 )
 from edgerazor.quant.bits import SCALE_BITS
-from edgerazor.quant.modules import QuantEmbedding, QuantLinear
+from edgerazor.quant.modules import QuantConv3d, QuantEmbedding, QuantLinear
+
+
+PACKED_KINDS = ("decoder", "table", "encoder")
 
 
 @dataclass
 class TensorSize:
     name: str
-    kind: str  # "decoder" or "table" (embedding / lm_head) for packed layers, else the stored dtype
+    kind: str  # "decoder", "table" (embedding / lm_head) or "encoder" (vision, ...) for packed layers, else the dtype
     params: int
     bytes: int
 
@@ -51,16 +54,17 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def pack_layer(name: str, module: QuantLinear | QuantEmbedding) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Packed tensors and layout metadata of one quantized layer."""
+def pack_layer(name: str, module: QuantLinear | QuantEmbedding | QuantConv3d) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Packed tensors and layout metadata of one quantized layer (a Conv3d as its flattened ``[out, in*t*h*w]``)."""
     wq = module.weight_quant
-    codes, scales = wq.codes_and_scales(module.weight)
+    codes, scales = wq.codes_and_scales(module.weight.reshape(module.weight.shape[0], -1))
     mask = wq.precision_mask.cpu()
     high_name, low_name = wq.names
     tensors = {f"{name}.scales": torch.from_numpy(pack.pack_scales(_np(scales))),
                f"{name}.mask": torch.from_numpy(pack.pack_mask(_np(mask)))}
     layout = {
-        "kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
+        "kind": ("embedding" if isinstance(module, QuantEmbedding)
+                 else "conv3d" if isinstance(module, QuantConv3d) else "linear"),
         "d_out": int(codes.shape[0]), "d_in": int(wq.d_in), "padded_d_in": int(wq.padded_dim),
         "group_size": int(wq.group_size), "high": high_name, "low": low_name,
         "high_rows": int(mask.sum()),
@@ -74,8 +78,8 @@ def pack_layer(name: str, module: QuantLinear | QuantEmbedding) -> tuple[dict[st
     return tensors, layout
 
 
-def _quantized_modules(model: torch.nn.Module) -> list[tuple[str, QuantLinear | QuantEmbedding]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+def _quantized_modules(model: torch.nn.Module) -> list[tuple[str, QuantLinear | QuantEmbedding | QuantConv3d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding, QuantConv3d))]
 
 
 def not_a_packed_export(path: Path) -> str | None:
@@ -127,7 +131,8 @@ def export_packed(model: torch.nn.Module, tokenizer, out_dir: str | Path, overwr
         layer_tensors, layout = pack_layer(name, module)
         tensors.update(layer_tensors)
         layers[name] = layout | {"activation": activations[name]}
-        kind = "table" if isinstance(module, QuantEmbedding) or module is model.get_output_embeddings() else "decoder"
+        kind = ("table" if isinstance(module, QuantEmbedding) or module is model.get_output_embeddings()
+                else "decoder" if module.weight_quant.component == "decoder" else "encoder")
         sizes.append(TensorSize(name, kind, layout["d_out"] * layout["d_in"],
                                 sum(t.numel() * t.element_size() for t in layer_tensors.values())))
     quantized_params = {f"{n}.weight" for n in layers}
@@ -188,8 +193,8 @@ def size_report(sizes: list[TensorSize], model: torch.nn.Module) -> dict[str, An
         # decoder linears (SQMP rows): theory is the recipe's bits + 16/G for the scales
         "decoder_bits_per_weight": bits("decoder"),
         "decoder_theory_bits_per_weight": theory.effective_bits + SCALE_BITS / _decoder_group(sizes, model),
-        "bits_per_quantized_weight": 8 * sum(s.bytes for s in sizes if s.kind in ("decoder", "table"))
-        / max(1, sum(s.params for s in sizes if s.kind in ("decoder", "table"))),
+        "bits_per_quantized_weight": 8 * sum(s.bytes for s in sizes if s.kind in PACKED_KINDS)
+        / max(1, sum(s.params for s in sizes if s.kind in PACKED_KINDS)),
         "theory_bits_per_quantized_weight": theory.bits_per_quantized_weight,
     }
 

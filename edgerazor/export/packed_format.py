@@ -33,7 +33,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 #: the tensors a packed layer stores under its name (``<layer>.<part>``)
 PACKED_PARTS = frozenset({"codes_high", "codes_low", "scales", "mask"})
-LAYER_KINDS = ("linear", "embedding")
+LAYER_KINDS = ("linear", "embedding", "conv3d")  # a conv3d row is its flattened kernel
 #: the fields of a layer entry that describe its stored weight (a tie must agree on all of them)
 WEIGHT_KEYS = ("kind", "d_out", "d_in", "padded_d_in", "group_size", "high", "low", "high_rows", "codec_high",
                "codec_low")
@@ -544,13 +544,16 @@ def check_shapes(export: PackedExport, model: torch.nn.Module) -> None:
     expected: dict[str, tuple[int, ...]] = {}
     for key, value in state.items():
         layer = key.removesuffix(".weight")
+        shape = tuple(value.shape)
         if key.endswith(".weight") and layer in export.layers:
             entry = export.layers[layer]
             expected[key] = (entry["d_out"], entry["d_in"])
+            if entry.get("kind") == "conv3d" and len(shape) == 5:  # stored as [out, in * t * h * w]
+                shape = (shape[0], shape[1] * shape[2] * shape[3] * shape[4])
         elif key in export.tensors:
             expected[key] = tuple(export.tensors[key].shape)
-        if key in expected and tuple(value.shape) != expected[key]:
-            shape, stored = tuple(value.shape), expected[key]
+        if key in expected and shape != expected[key]:
+            stored = expected[key]
             if key == embed_key and len(shape) == 2 and len(stored) == 2:
                 for axis, name in ((0, "vocab_size"), (1, "hidden_size")):
                     if shape[axis] != stored[axis]:
@@ -585,9 +588,10 @@ def quant_structure(model: torch.nn.Module) -> tuple[dict[str, dict[str, Any]], 
     export (activation bits, group sizes, quantizers) cannot silently change the model that loads.
     """
     from edgerazor.quant.kv import KVFakeQuant
-    from edgerazor.quant.modules import QuantEmbedding, QuantLinear
+    from edgerazor.quant.modules import QuantConv3d, QuantEmbedding, QuantLinear
 
-    activations = {n: _activation_of(m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    activations = {n: _activation_of(m) for n, m in model.named_modules()
+                   if isinstance(m, (QuantLinear, QuantEmbedding, QuantConv3d))}
     kv = {n.removesuffix(".edgerazor_kv"): {"quantizer": m.quantizer_name, "group_size": int(m.group_size)}
           for n, m in model.named_modules() if isinstance(m, KVFakeQuant)}
     return activations, kv
@@ -596,10 +600,10 @@ def quant_structure(model: torch.nn.Module) -> tuple[dict[str, dict[str, Any]], 
 def check_quantized(export: PackedExport, model: torch.nn.Module) -> None:
     """The skeleton quantized by the export's recipe against every layer entry: same layers, ties, shapes,
     group sizes, quantizers, codecs, activation and KV quantization; ``high_rows`` where the recipe fixes it."""
-    from edgerazor.quant.modules import QuantEmbedding, QuantLinear
+    from edgerazor.quant.modules import QuantConv3d, QuantEmbedding, QuantLinear
 
     file, layers = export.metadata_file, export.layers
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding, QuantConv3d))}
     for name in modules:
         if name not in layers:
             raise PackedFormatError(f"{file}: layers has no entry for {name!r}, which the recipe quantizes")
@@ -617,7 +621,9 @@ def check_quantized(export: PackedExport, model: torch.nn.Module) -> None:
             raise PackedFormatError(f"{file}: {where}.tied_to is {entry.get('tied_to')!r}, but in this model the layer "
                                     f"is {want}")
         wq, owner_module = module.weight_quant, modules[owner]
-        want = {"kind": "embedding" if isinstance(owner_module, QuantEmbedding) else "linear",
+        kind = ("embedding" if isinstance(owner_module, QuantEmbedding)
+                else "conv3d" if isinstance(owner_module, QuantConv3d) else "linear")
+        want = {"kind": kind,
                 "d_out": int(wq.precision_mask.numel()), "d_in": int(wq.d_in), "padded_d_in": int(wq.padded_dim),
                 "group_size": int(wq.group_size), "high": wq.names[0], "low": wq.names[1]}
         for part, quantizer in (("high", wq.high), ("low", wq.low)):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from edgerazor.plugin_manager import get_plugins
-from edgerazor.quant.modules import QuantEmbedding, QuantLinear
+from edgerazor.quant.modules import QuantConv3d, QuantEmbedding, QuantLinear
 
 SCALE_BITS = 16
 
@@ -42,11 +42,11 @@ def count_bits(model: nn.Module) -> BitsSummary:
     q_bits = 0.0
     decoder_params, decoder_bits = 0, 0.0
     for module in model.modules():
-        if not isinstance(module, (QuantLinear, QuantEmbedding)) or id(module.weight) in seen:
+        if not isinstance(module, (QuantLinear, QuantEmbedding, QuantConv3d)) or id(module.weight) in seen:
             continue
         seen.add(id(module.weight))
         wq = module.weight_quant
-        d_out, d_in = module.weight.shape
+        d_out, d_in = module.weight.shape[0], wq.d_in  # a Conv3d counts as its flattened [out, in*t*h*w]
         high_rows = int(wq.precision_mask.sum())
         high_bits = quantizers.get(wq.names[0]).bits
         low_bits = quantizers.get(wq.names[1]).bits if wq.names[1] else high_bits
@@ -54,7 +54,7 @@ def count_bits(model: nn.Module) -> BitsSummary:
         scale_bits = d_out * (wq.padded_dim // wq.group_size) * SCALE_BITS
         q_params += d_out * d_in
         q_bits += weight_bits + scale_bits
-        if isinstance(module, QuantLinear) and module is not model.get_output_embeddings():
+        if isinstance(module, QuantLinear) and wq.component == "decoder" and module is not model.get_output_embeddings():
             decoder_params += d_out * d_in
             decoder_bits += weight_bits
     total_bits = q_bits + (total_params - q_params) * 16
@@ -69,3 +69,28 @@ def count_bits(model: nn.Module) -> BitsSummary:
         quantized_bytes=total_bits / 8,
         compression_ratio=total_params * 16 / total_bits,
     )
+
+
+def component_counts(model: nn.Module, adapter) -> dict[str, dict[str, int]]:
+    """``{component: {"params", "quantized_params"}}`` by the adapter's component names, plus ``other``
+    (norms outside the decoder layers, ...): where a model's parameters are and which are quantized."""
+    from fnmatch import fnmatchcase
+
+    tables = {"embedding": model.get_input_embeddings(), "lm_head": model.get_output_embeddings()}
+    table_ids = {id(m.weight): name for name, m in tables.items() if m is not None}
+    comps = [c for c in adapter.components() if c.name not in tables]
+    out = {c.name: {"params": 0, "quantized_params": 0} for c in adapter.components()} | {
+        "other": {"params": 0, "quantized_params": 0}}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            owner = table_ids.get(id(param)) or next(
+                (c.name for c in comps if any(fnmatchcase(name, pat) for pat in c.patterns)), "other")
+            out[owner]["params"] += param.numel()
+            wq = getattr(module, "weight_quant", None)
+            if p_name == "weight" and wq is not None:
+                out[owner]["quantized_params"] += param.numel()
+    return out

@@ -56,9 +56,11 @@ class WeightFakeQuant(nn.Module):
         names: tuple[str, str | None],
         group_size: int,
         mask: torch.Tensor,
+        component: str = "decoder",
     ) -> None:
         super().__init__()
         self.high, self.low, self.names = high, low, names
+        self.component = component  # the adapter component it belongs to (size accounting per component)
         self.group_size = group_size
         self.d_in = d_in
         self.padded_dim = -(-d_in // group_size) * group_size
@@ -138,3 +140,31 @@ class QuantEmbedding(nn.Embedding):
             codes, scales = quantize_rows(flat, mask, wq.high, wq.low, wq.group_size)
             rows_hat = dequantize(codes, scales, wq.group_size)[:, : rows.shape[-1]].reshape(rows.shape)
         return straight_through(rows, rows_hat)
+
+
+class QuantConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (a video patch embedding) with its weight fake-quantized per output channel.
+
+    The weight ``[out, in, t, h, w]`` is flattened to ``[out, in * t * h * w]`` rows and quantized
+    like a linear weight (groups of G along the flattened kernel, zero-padded when the recipe asks,
+    fp16 scales, straight-through estimator), so exporters treat it as one more quantized matrix.
+    """
+
+    weight_quant: WeightFakeQuant
+
+    @classmethod
+    def from_conv3d(cls, conv: nn.Conv3d, weight_quant: WeightFakeQuant) -> "QuantConv3d":
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(module, attr, getattr(conv, attr))
+        module.weight = conv.weight
+        module.bias = conv.bias
+        module.weight_quant = weight_quant
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w_hat = self.weight_quant(w.reshape(w.shape[0], -1)).reshape(w.shape)
+        return self._conv_forward(x, w_hat, self.bias)

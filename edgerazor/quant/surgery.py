@@ -19,8 +19,11 @@ from edgerazor.adapters import ModelAdapter, resolve_adapter
 from edgerazor.errors import PluginError, QuantizationError
 from edgerazor.plugin_manager import get_plugins
 from edgerazor.quant.kv import KVFakeQuant, wrap_attention_implementation
-from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding, QuantLinear, WeightFakeQuant
-from edgerazor.recipe import Recipe, TableQuant, load_recipe, recipe_from_dict
+from edgerazor.quant.modules import ActivationFakeQuant, QuantConv3d, QuantEmbedding, QuantLinear, WeightFakeQuant
+from edgerazor.recipe import QuantSection, Recipe, TableQuant, load_recipe, recipe_from_dict
+
+#: components with their own recipe sections (quant.weight / quant.include, quant.embedding, quant.lm_head)
+CORE_COMPONENTS = ("decoder", "embedding", "lm_head")
 
 FORMAT_VERSION = 1
 
@@ -28,7 +31,7 @@ FORMAT_VERSION = 1
 @dataclass
 class LayerReport:
     name: str
-    kind: str  # "linear", "embedding" or "lm_head"
+    kind: str  # "linear", "conv3d", "embedding" or "lm_head"
     d_out: int
     d_in: int
     high: str
@@ -37,6 +40,7 @@ class LayerReport:
     high_fraction: float  # fraction of rows at the high precision (4-bit for SQMP layers)
     padded_d_in: int
     activation_bits: int
+    component: str = "decoder"  # the adapter's component name (vision, audio, ...)
 
     @property
     def params(self) -> int:
@@ -67,8 +71,9 @@ class QuantReport:
         for col in ("layer", "kind", "shape", "high", "low", "G", "4-bit rows", "A"):
             table.add_column(col)
         for r in self.layers:
+            padding = f" (zero-padded to {r.padded_d_in})" if r.padded_d_in != r.d_in else ""
             table.add_row(
-                r.name, r.kind, f"{r.d_out}x{r.d_in}", r.high, r.low or "-", str(r.group_size),
+                r.name, r.kind, f"{r.d_out}x{r.d_in}{padding}", r.high, r.low or "-", str(r.group_size),
                 f"{r.high_fraction:.4f}", str(r.activation_bits),
             )
         return table
@@ -144,6 +149,31 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     return None
 
 
+def _component_specs(adapter: ModelAdapter, q: QuantSection, group: int) -> list[dict[str, Any]]:
+    """The quantized components beyond decoder / embedding / lm_head: the adapter's defaults under the
+    recipe's ``quant.components`` (whose names must be the adapter's)."""
+    own = {c.name: c for c in adapter.components() if c.name not in CORE_COMPONENTS}
+    for key in q.components:
+        if key in CORE_COMPONENTS:
+            raise QuantizationError(f"quant.components.{key}: set the {key} through quant.weight / quant.include, "
+                                    "quant.embedding or quant.lm_head instead")
+        if key not in own:
+            raise QuantizationError(f"quant.components.{key}: adapter {adapter.name!r} has no component {key!r}; "
+                                    f"its components: {', '.join(own) or '(none beyond decoder, embedding, lm_head)'}")
+    specs = []
+    for name, c in own.items():
+        override = q.components.get(name)
+        chosen = override.model_fields_set if override is not None else set()
+        quantizer = override.quantizer if "quantizer" in chosen else (c.quantizer if c.quantized else None)
+        if quantizer is None:
+            continue
+        pick = {key: getattr(override, key) if key in chosen and getattr(override, key) is not None else getattr(c, key)
+                for key in ("pad", "include_conv3d")}
+        g = (override.group_size if override is not None and override.group_size else None) or c.group_size or group
+        specs.append({"name": name, "patterns": c.patterns, "quantizer": quantizer, "group_size": g} | pick)
+    return specs
+
+
 def quantize(
     model: nn.Module,
     recipe: Recipe | dict | str | Path | None = None,
@@ -168,7 +198,7 @@ def quantize(
     head = model.get_output_embeddings()
     embed_name, head_name = _module_name(model, embed), _module_name(model, head)
     tied = head is not None and embed is not None and head.weight is embed.weight
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+    if any(isinstance(m, (QuantLinear, QuantEmbedding, QuantConv3d)) for m in model.modules()):
         raise QuantizationError("model is already quantized; quantize a fresh copy (never re-quantize codes)")
 
     layers: list[LayerReport] = []
@@ -199,6 +229,28 @@ def quantize(
         layers.append(LayerReport(name, "linear", d_out, d_in, w.high, wq.names[1], group,
                                   wq.high_fraction(), padded, q.activation.bits))
 
+    done = {name for name, _ in targets}
+    for spec in _component_specs(adapter, q, group):
+        quantizer = plugins.get("quantizers", spec["quantizer"])
+        for name, module in model.named_modules():
+            is_conv = isinstance(module, nn.Conv3d) and spec["include_conv3d"]
+            if not (isinstance(module, nn.Linear) or is_conv) or name in done or name in (head_name, embed_name):
+                continue
+            if not _matches(name, spec["patterns"]) or _matches(name, q.exclude):
+                continue
+            d_out = module.weight.shape[0]
+            d_in = module.weight[0].numel()  # a Conv3d's flattened kernel: in_channels/groups x t x h x w
+            padded = _check_group(name, d_in, spec["group_size"], spec["pad"],
+                                  f"input dimension (quant.components.{spec['name']})")
+            wq = WeightFakeQuant(d_out, d_in, quantizer, None, (spec["quantizer"], None), spec["group_size"],
+                                 torch.ones(d_out, dtype=torch.bool), component=spec["name"])
+            wq.to(device=module.weight.device if module.weight.device.type != "meta" else "cpu")
+            swaps.append((name, QuantConv3d.from_conv3d(module, wq) if is_conv
+                          else QuantLinear.from_linear(module, wq, None)))
+            done.add(name)
+            layers.append(LayerReport(name, "conv3d" if is_conv else "linear", d_out, d_in, spec["quantizer"], None,
+                                      spec["group_size"], 1.0, padded, 16, spec["name"]))
+
     def table(name: str | None, module: nn.Module, spec: TableQuant, kind: str) -> WeightFakeQuant | None:
         if spec.quantizer is None or name is None:
             return None
@@ -206,9 +258,9 @@ def quantize(
         g = spec.group_size or group
         padded = _check_group(name, d_in, g, w.pad)
         wq = WeightFakeQuant(d_out, d_in, plugins.get("quantizers", spec.quantizer), None,
-                             (spec.quantizer, None), g, torch.ones(d_out, dtype=torch.bool))
+                             (spec.quantizer, None), g, torch.ones(d_out, dtype=torch.bool), component=kind)
         layers.append(LayerReport(name, kind, d_out, d_in, spec.quantizer, None, g, 1.0, padded,
-                                  q.activation.bits if kind == "lm_head" else 16))
+                                  q.activation.bits if kind == "lm_head" else 16, kind))
         return wq
 
     if tied and (q.embedding.quantizer, q.embedding.group_size) != (q.lm_head.quantizer, q.lm_head.group_size):

@@ -22,7 +22,7 @@ from edgerazor.export.packed_format import (
     CONFIG_FILE, METADATA_FILE, PACKED_PARTS, WEIGHTS_FILE, check_quantized, check_shapes, check_tokenizer, read_packed,
 )
 from edgerazor.adapters import resolve_adapter
-from edgerazor.quant.modules import ActivationFakeQuant, QuantEmbedding
+from edgerazor.quant.modules import ActivationFakeQuant, QuantConv3d, QuantEmbedding
 
 #: codec of ``edgerazor.export.pack`` -> (codes per byte, offset of the stored unsigned field)
 CODECS = {"ternary_base3": (5, 1), "ternary_2bit": (4, 1), "int4": (2, 8), "int8": (1, 0)}
@@ -208,6 +208,29 @@ class PackedEmbedding(nn.Module):
         return self.packed.rows(used)[position].to(self.compute_dtype)
 
 
+class PackedConv3d(nn.Module):
+    """A quantized Conv3d (a video patch embedding): its packed rows are the flattened kernels."""
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None, like: nn.Conv3d):
+        super().__init__()
+        self.packed = weight
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel_shape = tuple(like.weight.shape)
+        self.stride, self.padding, self.dilation, self.groups = like.stride, like.padding, like.dilation, like.groups
+        self.compute_dtype = torch.float32  # set by load_packed
+        if like.padding_mode != "zeros":
+            raise PackedFormatError(f"a packed Conv3d with padding_mode {like.padding_mode!r} is not supported")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized kernel (patch embeddings read ``proj.weight.dtype`` to cast their input)."""
+        weight = self.packed.dense if self.packed.dense is not None else self.packed.rows()
+        return weight.reshape(self.kernel_shape).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, self.weight.to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 def is_packed(path: str | Path) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
@@ -218,6 +241,17 @@ def _rebuild_rotary(model: nn.Module) -> None:
         if name.endswith("rotary_emb") and hasattr(module, "config"):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, type(module)(config=module.config))
+
+
+def _restore_buffers(model: nn.Module) -> None:
+    """Every other non-persistent buffer ``to_empty`` wiped (a vision encoder's axial RoPE, an audio encoder's
+    sinusoids): recomputed by the model's own ``_init_weights`` for the modules that own one."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    for module in model.modules():
+        if module._non_persistent_buffers_set:
+            init(module)
 
 
 def _built(what: str, file: Path, build):
@@ -268,6 +302,7 @@ def load_packed(path: str | Path, verify: bool = True, dense: bool = False, comp
     check_quantized(export, model)
     model.to_empty(device="cpu")
     _rebuild_rotary(model)
+    _restore_buffers(model)
 
     packed: dict[str, PackedWeight] = {}
     for name in meta["layers"]:
@@ -278,6 +313,8 @@ def load_packed(path: str | Path, verify: bool = True, dense: bool = False, comp
         module = model.get_submodule(name)
         if isinstance(module, QuantEmbedding):
             replacement: nn.Module = PackedEmbedding(packed[owner], module.padding_idx)
+        elif isinstance(module, QuantConv3d):
+            replacement = PackedConv3d(packed[owner], tensors.get(f"{name}.bias"), module)
         else:
             replacement = PackedLinear(packed[owner], tensors.get(f"{name}.bias"), module.input_quant)
         parent, _, child = name.rpartition(".")
@@ -297,7 +334,7 @@ def load_packed(path: str | Path, verify: bool = True, dense: bool = False, comp
     cast_parameters(model, compute)  # the packed parts are buffers: they stay as stored
     dtype = getattr(torch, compute)
     for module in model.modules():
-        if isinstance(module, PackedEmbedding):
+        if isinstance(module, (PackedEmbedding, PackedConv3d)):
             module.compute_dtype = dtype
     workspace = Workspace()
     for weight in packed.values():
