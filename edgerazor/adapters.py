@@ -181,6 +181,17 @@ class ModelAdapter:
 
         return build_datasets(section, tokenizer, think_tags=self.think_tags)
 
+    def collator(self, tokenizer):
+        """What batches this family's rows for training and held-out perplexity (padded tokens, labels -100)."""
+        from edgerazor.data import DistillCollator
+
+        return DistillCollator(tokenizer)
+
+    def model_inputs(self, batch) -> dict:
+        """The keyword arguments a batch gives the model's forward (teacher, student, perplexity): labels and
+        anything else the collator adds for the losses stay out."""
+        return {k: batch[k] for k in ("input_ids", "attention_mask") if batch.get(k) is not None}
+
     def chat_template(self, tokenizer) -> str | None:
         """The chat template prompts are rendered with (the tokenizer's own by default)."""
         return getattr(tokenizer, "chat_template", None)

@@ -79,6 +79,46 @@ def _cmd_bits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgerazor.plan import paper_plans, plan_memory
+
+    if args.paper:
+        plans = paper_plans(args.zero or 3)
+    elif args.model is None or args.gpus is None or args.gpu_mem is None or args.zero is None:
+        raise EdgeRazorError("edgerazor plan needs --model, --gpus, --gpu-mem and --zero (or --paper for the "
+                             "paper's 8-GPU recipes)")
+    else:
+        plans = [plan_memory(args.model, args.gpus, args.gpu_mem, args.zero, args.seq, args.micro_batch,
+                             args.gradient_checkpointing, args.recipe)]
+    if args.json:
+        data = [p.to_dict() for p in plans]
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        return 0
+    console = Console()
+    for p in plans:
+        d = p.to_dict()
+        table = Table(title=f"{p.model}: {p.gpus} GPU(s) x {p.gpu_mem_gib:g} GiB, ZeRO-{p.zero}, seq {p.seq} x "
+                            f"micro-batch {p.micro_batch}, gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}")
+        table.add_column("per GPU")
+        table.add_column("GiB", justify="right")
+        for name, value in d["components"].items():
+            table.add_row(name, f"{value:.2f}")
+            details = {"model_states": d["model_states_detail"], "activations": d["activations_gib"]}.get(name, {})
+            for part, part_value in details.items():
+                table.add_row(f"  {part.replace('_', ' ')}", f"{part_value:.2f}")
+        table.add_row("total", f"{d['per_gpu_gib']:.2f}")
+        table.add_row(f"usable ({p.gpu_mem_gib:g} less {d['reserve_gib']:.1f} reserve)",
+                      f"{p.gpu_mem_gib - d['reserve_gib']:.2f}")
+        table.add_row("fits", "yes" if p.fits else "NO")
+        console.print(table)
+        for note in p.notes:
+            console.print(f"  {note}", markup=False, highlight=False)
+    return 0
+
+
 def format_size(n_bytes: float) -> str:
     """Bytes in the largest binary unit that keeps the number >= 1 (a 2 MiB model is not ``0.002 GiB``)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -298,6 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, repeatable")
     bits.add_argument("--json", action="store_true", help="print JSON")
     bits.set_defaults(func=_cmd_bits)
+
+    plan = sub.add_parser("plan", help="per-GPU memory of a distillation run under DeepSpeed ZeRO-2/3, and whether it fits")
+    plan.add_argument("--model", metavar="NAME|HUB_ID|PATH",
+                      help="a built-in shape (qwen3-0.6b, qwen3-1.7b, mobilellm-350m, qwen2.5-omni-7b-thinker), a hub id "
+                           "or a local directory; teacher and student have its shape")
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs in all (data-parallel ranks)")
+    plan.add_argument("--gpu-mem", type=float, default=None, metavar="GIB", help="memory of one GPU in GiB (A100-80GB: 80)")
+    plan.add_argument("--zero", type=int, choices=(2, 3), default=None, help="the student's ZeRO stage")
+    plan.add_argument("--seq", type=int, default=None, help="tokens per row (default: the recipe's data.max_length, else 1024)")
+    plan.add_argument("--micro-batch", type=int, default=None,
+                      help="rows per GPU per step (default: the recipe's train.per_device_batch_size, else 1)")
+    plan.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                      help="default: the recipe's train.gradient_checkpointing, else on")
+    plan.add_argument("--recipe", type=Path, default=None, help="take quantization, seq, micro-batch and checkpointing from it")
+    plan.add_argument("--paper", action="store_true",
+                      help="the paper's four 8-GPU recipes (configs/table1) on 8 x 80 GiB, ZeRO-3 unless --zero says")
+    plan.add_argument("--json", action="store_true", help="print JSON (per_gpu_gib, components, fits, ...)")
+    plan.set_defaults(func=_cmd_plan)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
     plugins.add_argument("--json", action="store_true")

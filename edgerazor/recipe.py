@@ -177,7 +177,9 @@ class DataSource(Section):
     path: str = Field(min_length=1, description="a .json/.jsonl/.parquet/.txt file or a directory of them, or a hub dataset id")
     name: str | None = Field(None, description="hub dataset config name")
     split: str = Field("train", description="hub split (slicing allowed, e.g. 'train[:10%]'); local files are 'train'")
-    format: Literal["text", "prompt_response", "chat"] = "text"
+    format: Literal["text", "prompt_response", "chat", "video"] = Field(
+        "text", description="video: jsonl {video, prompt, response} rows, built by a video-capable adapter (qwen2_5_omni)"
+    )
     ratio: float = Field(1.0, gt=0.0, description="relative weight of this source in the mixture")
     text_field: str = "text"
     prompt_field: str = "prompt"
@@ -245,6 +247,10 @@ class DistillSection(Section):
         default_factory=dict, description="loss plugin name -> weight"
     )
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the full-vocabulary divergence")
+    fused_logits: bool = Field(
+        True, description="fuse the lm_heads into the chunked logit loss (no [tokens, V] logits held); "
+        "models whose logits are post-processed, and extra_losses, use the unfused path"
+    )
 
 
 class TrainSection(Section):
@@ -337,6 +343,50 @@ class DemoSection(Section):
     seed: Seed = Field(0, description="corpus shuffle, teacher initialisation and batch order")
 
 
+class DemoVideoClips(Section):
+    """The video demo's synthetic clips: a coloured square or circle moving left, right, up or down."""
+
+    size: int = Field(56, ge=28, description="frame width and height in pixels (a multiple of 28 keeps the grid exact)")
+    frames: int = Field(8, ge=2, description="frames per clip")
+    fps: int = Field(8, gt=0, description="the clips' frame rate (and the sampling rate: every frame is used)")
+    object_size: int = Field(14, gt=0, description="side of the square and diameter of the circle, in pixels")
+    speeds: tuple[int, ...] = Field((2, 3), min_length=1, description="pixels per frame a clip's object may move")
+    train_per_caption: int = Field(16, gt=0, description="training renderings of each of the 32 captions")
+    eval_per_caption: int = Field(3, gt=0, description="held-out renderings of each caption (new positions/speeds)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DemoVideoClips":
+        if min(self.speeds) <= 0 or self.object_size + max(self.speeds) * (self.frames - 1) > self.size:
+            raise ValueError(f"speeds {list(self.speeds)}: an object of {self.object_size} px must move a positive "
+                             f"number of pixels a frame and stay inside the {self.size} px frame for {self.frames} frames")
+        return self
+
+
+class DemoVideoTeacher(Section):
+    """The video demo teacher: a real Qwen2.5-Omni thinker shape, tiny (text decoder, vision tower, audio tower)."""
+
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    vision_depth: int = Field(2, gt=0)
+    vision_hidden_size: int = Field(64, gt=0)
+    vision_intermediate_size: int = Field(128, gt=0)
+    vision_heads: int = Field(2, gt=0)
+    vocab_size: int = Field(320, ge=280, description="byte-level BPE on the captions and prompt, with special tokens")
+
+
+class DemoVideoSection(Section):
+    """The offline video demo (``edgerazor.demo_video``): clips, teacher shape and captioning training;
+    every value decides the cached assets, so changing one builds a new cache entry."""
+
+    clips: DemoVideoClips = DemoVideoClips()
+    teacher: DemoVideoTeacher = DemoVideoTeacher()
+    pretrain: DemoPretrain = DemoPretrain(steps=600, learning_rate=3e-3, batch_size=16, warmup_steps=30)
+    seed: Seed = Field(0, description="clip renderings, teacher initialisation and batch order")
+
+
 class Recipe(Section):
     name: str = Field("edgerazor", min_length=1, max_length=128, description="also the run folder: runs/<name>")
     description: str = ""
@@ -347,6 +397,8 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     export: ExportSection = ExportSection()
     demo: DemoSection | None = Field(None, description="the offline demo's teacher (used when there is no teacher)")
+    demo_video: DemoVideoSection | None = Field(
+        None, description="the offline video demo (edgerazor.demo_video): clips and captioning teacher")
 
     @field_validator("name")
     @classmethod

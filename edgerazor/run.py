@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -126,6 +126,23 @@ def demo_inputs(recipe: Recipe, adapter: str | None = None) -> RunInputs:
     return RunInputs(teacher, location, tokenizer, assets.train_dataset, assets.eval_dataset, family, stats)
 
 
+def video_demo_inputs(recipe: Recipe, adapter: str | None = None):
+    """The video demo's teacher and clip rows that the recipe's ``demo_video:`` section describes (built once,
+    then cached), and its measure: held-out caption accuracy."""
+    from transformers import AutoTokenizer
+
+    from edgerazor.demo_video import caption_accuracy, demo_datasets, encode_rows, prepare_video_demo
+
+    assets = prepare_video_demo(recipe.demo_video)
+    family = resolve_adapter(teacher_config(str(assets.teacher_dir)).model_type, adapter or recipe.model.adapter)
+    teacher = family.load_teacher(str(assets.teacher_dir))
+    tokenizer = AutoTokenizer.from_pretrained(assets.teacher_dir)
+    train, evaluation, stats = demo_datasets(assets, tokenizer, family)
+    rows = encode_rows(assets.eval_jsonl, tokenizer, recipe.demo_video)
+    measure = ("caption_accuracy", lambda model: caption_accuracy(model, tokenizer, rows, recipe.demo_video))
+    return RunInputs(teacher, str(assets.teacher_dir), tokenizer, train, evaluation, family, stats), measure
+
+
 def _build_student(inputs: RunInputs, recipe: Recipe) -> torch.nn.Module:
     if recipe.model.student:
         return inputs.adapter.load_student(recipe.model.student, recipe.model.dtype, recipe.model.trust_remote_code)
@@ -203,12 +220,14 @@ def run(
     output_dir: Path,
     resume: bool | Path = False,
     compute: ComputePlan | None = None,
+    measure: tuple[str, Callable[[torch.nn.Module], Any]] | None = None,
 ) -> dict[str, Any]:
     """Quantize, evaluate RTN, distil, evaluate, save; returns the results written to results.json.
 
     ``resume``: True for the latest complete checkpoint, or the checkpoint folder itself. ``compute``:
-    the dtype to compute in (default: ``compute_plan(recipe)``); the student is saved in the recipe's."""
-    from edgerazor.data import DistillCollator
+    the dtype to compute in (default: ``compute_plan(recipe)``); the student is saved in the recipe's.
+    ``measure``: (name, model -> value), a task score taken of teacher, round-to-nearest and student beside
+    perplexity (the video demo's caption accuracy); ``results[name]`` = {teacher, rtn, student}."""
     from edgerazor.distill import distill
     from edgerazor.eval.perplexity import perplexity
     from edgerazor.quant import count_bits, quantize
@@ -225,12 +244,15 @@ def run(
     student = cast_parameters(_build_student(inputs, recipe), compute.compute)
     report = quantize(student, recipe, adapter=inputs.adapter)
     console.print(f"[bold]quantized[/] {len(report.layers)} layers to {report.w_a_kv}")
-    teacher_ppl = perplexity(inputs.teacher, inputs.eval_dataset, recipe.train.per_device_batch_size)
-    rtn_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size)
+    collate = inputs.adapter.collator(inputs.tokenizer)  # the family's batches (video: clips too), everywhere
+    scored = dict(collate=collate, model_inputs=inputs.adapter.model_inputs)
+    teacher_ppl = perplexity(inputs.teacher, inputs.eval_dataset, recipe.train.per_device_batch_size, **scored)
+    rtn_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size, **scored)
     console.print(f"teacher ppl {teacher_ppl:.2f}, round-to-nearest {report.w_a_kv} ppl {rtn_ppl:.2f}")
+    measured = {"teacher": measure[1](inputs.teacher), "rtn": measure[1](student)} if measure else {}
     trainer = distill(
         inputs.teacher, student, inputs.train_dataset, recipe, output_dir / "checkpoints",
-        DistillCollator(inputs.tokenizer), resume=resume, adapter=inputs.adapter, eval_dataset=inputs.eval_dataset,
+        collate, resume=resume, adapter=inputs.adapter, eval_dataset=inputs.eval_dataset,
         bf16=compute.autocast,
     )
     curve = training_curve(trainer.state.log_history)
@@ -241,7 +263,9 @@ def run(
     if final is not None and final["step"] == trainer.state.global_step and not rounded:
         student_ppl = final["perplexity"]  # the trainer just measured this very model, the same way
     else:
-        student_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size)
+        student_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size, **scored)
+    if measure:
+        measured["student"] = measure[1](student)
     save_atomically(cast_parameters(student, compute.stored), inputs.tokenizer, output_dir / "student")
     bits = count_bits(student)
     results = {
@@ -257,6 +281,7 @@ def run(
         "eval_perplexity": curve["eval_perplexity"],
         "train_loss": curve["loss"],
         "data": inputs.data_stats.to_dict() if inputs.data_stats is not None else None,
+        **({measure[0]: measured} if measure else {}),
         "wall_seconds": time.perf_counter() - start,
         **compute.record(),
         "recipe": recipe.model_dump(mode="json"),
@@ -306,17 +331,20 @@ def plot_training(results: dict[str, Any], path: Path) -> None:
 
 def print_data_summary(stats) -> None:
     """Rows per source through every stage, so silently dropped or truncated data is visible."""
+    videos = any(s.format == "video" for s in stats.sources)
     table = Table(
         title=f"data: rows per source (max_length {stats.max_length})",
         caption="capped: left out by max_samples; dropped as empty, or with no response token within "
-                "max_length; truncated: kept, cut at max_length; kept: rows (text: packed blocks)",
+                "max_length; truncated: kept, cut at max_length; kept: rows (text: packed blocks)"
+                + ("; bad video: missing or unreadable clip, skipped" if videos else ""),
     )
     table.add_column("source [format]", overflow="fold")
-    for col in ("read", "capped", "empty", "no resp.", "truncated", "kept", "mixed"):
+    for col in ("read", "capped", "empty", "no resp.") + (("bad video",) if videos else ()) + ("truncated", "kept", "mixed"):
         table.add_column(col, justify="right", no_wrap=True)
     for s in stats.sources:
+        bad = (str(getattr(s, "bad_video", 0)),) if videos else ()
         table.add_row(f"{s.source} [{s.format}]", str(s.records), str(s.capped), str(s.empty), str(s.no_response),
-                      str(s.truncated), str(s.kept), str(s.drawn))
+                      *bad, str(s.truncated), str(s.kept), str(s.drawn))
     console.print(table)
     console.print(f"train rows {stats.train}, eval rows {stats.eval}")
 
@@ -350,6 +378,12 @@ def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | No
     builtin = recipe_path is None and teacher is None
     recipe = load_recipe(builtin_recipe("demo") if builtin else recipe_path, overrides)
     demo = recipe.demo is not None and not (teacher or recipe.model.teacher)
+    demo_video = recipe.demo_video is not None and not (teacher or recipe.model.teacher)
+    if demo and demo_video:
+        raise EdgeRazorError("the recipe has both a demo: and a demo_video: section: keep one")
+    if demo_video and recipe.data.sources:
+        raise EdgeRazorError("the recipe has a demo_video: section and data.sources but no teacher: "
+                             "set model.teacher (or --teacher) to train on data.sources, or remove them")
     if demo and recipe.data.sources:
         raise EdgeRazorError("the recipe has a demo: section and data.sources but no teacher: "
                              "set model.teacher (or --teacher) to train on data.sources, or remove them")
@@ -357,7 +391,7 @@ def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | No
         raise EdgeRazorError("data.eval_fraction is 0: set it (e.g. 0.02) so the run can report held-out perplexity")
     output_dir = output or Path("runs") / recipe.name
     plan = prepare_output(output_dir, recipe.model_dump(mode="json"), resume, overwrite, accept_changes)
-    if plan.stored is not None and not demo and not teacher and not recipe.model.teacher:
+    if plan.stored is not None and not demo and not demo_video and not teacher and not recipe.model.teacher:
         teacher, adapter = plan.stored["teacher"], adapter or plan.stored.get("adapter")
     if plan.checkpoint is not None:
         console.print(f"[bold]resuming[/] from {plan.checkpoint.name} ({plan.checkpoint})", soft_wrap=True)
@@ -366,8 +400,16 @@ def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | No
     compute = compute_plan(recipe, capability)
     announce(compute)  # before minutes of loading
     try:
-        inputs = demo_inputs(recipe, adapter) if demo else load_inputs(recipe, teacher, adapter)
-        results = run(recipe, inputs, output_dir, resume=plan.checkpoint or False, compute=compute)
+        measure = None
+        if demo_video:
+            inputs, measure = video_demo_inputs(recipe, adapter)
+        else:
+            inputs = demo_inputs(recipe, adapter) if demo else load_inputs(recipe, teacher, adapter)
+        results = run(recipe, inputs, output_dir, resume=plan.checkpoint or False, compute=compute, measure=measure)
+        if demo_video:
+            from edgerazor.demo_video import print_accuracies
+
+            print_accuracies(results)
     except BaseException:
         plan.abort()
         raise

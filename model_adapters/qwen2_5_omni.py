@@ -82,6 +82,27 @@ class Qwen25OmniAdapter(ModelAdapter):
             "which EdgeRazor writes; export with --format packed (decoder, vision encoder and Conv3d at their true bits)"
         )
 
+    def build_datasets(self, section, tokenizer):
+        """Video sources (``format: video``) become lazily decoded clip rows with expanded placeholders; text
+        sources take the generic path."""
+        if any(source.format == "video" for source in section.sources):
+            from edgerazor.data.video import build_video_datasets
+
+            return build_video_datasets(section, tokenizer)
+        return super().build_datasets(section, tokenizer)
+
+    def collator(self, tokenizer):
+        """Tokens padded as for text, plus each clip's patches, grid and seconds per grid."""
+        from edgerazor.data.video import VideoCollator
+
+        return VideoCollator(tokenizer)
+
+    def model_inputs(self, batch) -> dict:
+        """Tokens and the attention mask (the thinker computes its M-RoPE position ids from them and the video
+        grids), plus the clips' pixels, grids and seconds per grid when the batch has any."""
+        keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+        return {k: batch[k] for k in keys if batch.get(k) is not None}
+
     def components(self) -> tuple[Component, ...]:
         return super().components() + (
             Component("vision", ("model.visual.patch_embed.*", "model.visual.blocks.*", "model.visual.merger.*"),

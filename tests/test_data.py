@@ -510,7 +510,8 @@ def test_schema_validation():
     with pytest.raises(ValidationError, match="Extra inputs"):
         DataSource(path="x.jsonl", prompt_feild="q")
     with pytest.raises(ValidationError):
-        DataSource(path="x.jsonl", format="video")
+        DataSource(path="x.jsonl", format="audio")
+    assert DataSource(path="x.jsonl", format="video").format == "video"  # built by a video-capable adapter
     sec = DataSection.model_validate({"sources": [{"path": "x.jsonl", "format": "chat"}]})
     assert sec.max_length == 1024 and sec.response_only and not sec.strip_think and sec.sources[0].split == "train"
 

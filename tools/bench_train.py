@@ -23,7 +23,16 @@ Measurements (each in a fresh child process, so none pollutes another's memory):
    * naive: float32 ``log_softmax`` of both logit matrices, forward + reverse KL + CE, plain autograd;
    * chunked: ``distill_sums`` with ``--kl-chunk`` (default 128) rows per chunk, recomputed backward.
    Both must give the same loss (float32 tolerance); the script exits 1 if they do not.
-3. With ``--liger`` (CUDA only, if ``liger_kernel`` is installed): Liger's fused linear JSD (and fused
+3. The logit loss with the lm_heads, from final hidden states (``--logit-tokens`` rows, default
+   4 x 1,024, hidden ``--logit-hidden``, default the model's, ``--vocab``), EAKLD-mixed FKL/RKL + CE,
+   forward + backward (gradients for the student hidden states and lm_head weight):
+   * fused: ``edgerazor.distill.fused`` (lm_head inside the chunked loss, no ``[N, V]`` logits);
+   * chunked: today's path: both lm_head matmuls materialise ``[N, V]`` logits, then ``distill_sums``;
+   * naive: float32 logits and log-softmax of everything, plain autograd, on ``--logit-naive-tokens``
+     rows (default 1,024 on CPU: at 4,096 rows it needs ~20 GB), labelled with its N.
+   Chunk rows: ``--kl-chunk`` for fused and chunked alike. ``--logit-warmup`` / ``--logit-repeats``
+   (default 0 / 1: a CPU step at this size takes minutes).
+4. With ``--liger`` (CUDA only, if ``liger_kernel`` is installed): Liger's fused linear JSD (and fused
    linear cross-entropy) beside our lm_head matmul + chunked divergence, on ``--tokens`` hidden states.
 
 Memory. CPU: peak RSS of the child (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its RSS (from
@@ -351,6 +360,68 @@ def run_kl(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def run_logit_loss(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec["mode"]``: ``fused``, ``chunked`` (lm_head matmuls + ``distill_sums``) or ``naive``; EAKLD mixer."""
+    torch, device = _setup(spec)
+    mem = _probe(device)
+    from edgerazor.distill.divergence import ResponsePositions, distill_sums, teacher_token_stats
+    from edgerazor.distill.fused import fused_distill, fused_teacher_stats
+    from edgerazor.plugin_manager import get_plugins
+
+    eakld = get_plugins().get("kl_mixers", "eakld")
+    origin = mem.settle()
+    n, v, h = spec["tokens"], spec["vocab"], spec["hidden"]
+    dtype = getattr(torch, spec["dtype"])
+    g = torch.Generator().manual_seed(5)
+    h_s = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    h_t = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
+    w_s = (torch.randn(v, h, generator=g) * 3 * h**-0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    w_t = (torch.randn(v, h, generator=g) * 3 * h**-0.5).to(device=device, dtype=dtype)
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    seq = torch.arange(n, device=device) // spec["seq"]
+    pos = ResponsePositions(torch.arange(n, device=device), target, seq, int(seq[-1]) + 1)
+    coef = torch.tensor([2.0 / n, 2.0 / n, 0.1 / n], device=device)  # alpha_logit, alpha_logit, alpha_task; / N
+    chunk = spec["chunk_size"]
+    weights = {}
+
+    def fused():
+        stats = fused_teacher_stats(h_t, w_t, None, pos, chunk)
+        weights["w"] = eakld(stats)
+        return fused_distill(h_s, w_s, None, h_t, w_t, None, pos, weights["w"], coef, chunk)[0]
+
+    def chunked():
+        logits_s = h_s @ w_s.T
+        with torch.no_grad():
+            logits_t = h_t @ w_t.T
+        weights["w"] = eakld(teacher_token_stats(logits_t, pos, chunk))
+        return (coef * distill_sums(logits_s, logits_t, pos, weights["w"], chunk)).sum()
+
+    def naive():
+        log_s = torch.log_softmax((h_s @ w_s.T).float(), -1)
+        with torch.no_grad():
+            log_t = torch.log_softmax((h_t @ w_t.T).float(), -1)
+        ratio = (-(log_t.exp() * log_t).sum(-1)).clamp(max=math.log(16)) / math.log(16)
+        weights["w"] = torch.stack([ratio[seq == b].mean() for b in range(int(seq[-1]) + 1)]).mean()
+        w = weights["w"]
+        fkl = (log_t.exp() * (log_t - log_s)).sum(-1)
+        rkl = (log_s.exp() * (log_s - log_t)).sum(-1)
+        ce = -log_s.gather(-1, target[:, None]).squeeze(-1)
+        return coef[0] * (w * fkl).sum() + coef[1] * ((1 - w) * rkl).sum() + coef[2] * ce.sum()
+
+    loss_fn = {"fused": fused, "chunked": chunked, "naive": naive}[spec["mode"]]
+
+    def step() -> float:
+        h_s.grad = w_s.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return float(loss.detach())
+
+    result = measure(step, mem, origin, spec["warmup"], spec["repeats"])
+    result.update(tokens=n, lambda_=float(weights["w"]), grad_norm_hidden=float(h_s.grad.float().norm()),
+                  grad_norm_weight=float(w_s.grad.float().norm()))
+    return result
+
+
 def run_liger(spec: dict[str, Any]) -> dict[str, Any]:
     """Fused-linear comparison on hidden states ``[N, H]`` and an lm_head ``[V, H]`` (CUDA).
 
@@ -416,7 +487,8 @@ def run_precision(spec: dict[str, Any]) -> dict[str, Any]:
     return precision.summary(precision.probe(spec["device"]))
 
 
-RUNNERS = {"train": run_train_step, "kl": run_kl, "liger": run_liger, "precision": run_precision}
+RUNNERS = {"train": run_train_step, "kl": run_kl, "logit_loss": run_logit_loss, "liger": run_liger,
+           "precision": run_precision}
 
 
 def _child(conn, kind: str, spec: dict[str, Any]) -> None:
@@ -562,6 +634,35 @@ def render(results: dict[str, Any], console) -> None:
     console.print(f"KL loss check: naive {check['naive']:.6f} vs chunked {check['chunked']:.6f} "
                   f"(|diff| {check['abs_diff']:.2e}, rel {check['rel_diff']:.2e}, rtol {check['rtol']:g}): {verdict}")
 
+    ll = results.get("logit_loss")
+    if ll:
+        t = Table(title=f"Logit loss with the lm_heads (EAKLD FKL/RKL + CE, forward + backward), H={ll['hidden']}, "
+                        f"V={ll['vocab']:,}, {ll['dtype']} ({mem_kind})")
+        for col in ("path", "tokens", "median time (range)", "inputs", "step peak extra", "loss", "vs chunked (memory)",
+                    "vs chunked (time)"):
+            t.add_column(col, justify="left" if col == "path" else "right")
+        t.caption = (f"fused: lm_head inside the chunked loss ({ll['chunk_size']} rows per chunk); chunked: lm_head "
+                     "matmuls materialise [N, V] logits, then distill_sums; naive: fp32 log-softmax of everything, "
+                     "autograd. inputs: hidden states and both lm_head weights. Ratios only between equal N")
+        ref = ll["runs"].get("chunked")
+        for key, label in (("fused", "fused"), ("chunked", "chunked (today)"), ("naive", "naive fp32")):
+            m = ll["runs"].get(key)
+            if m is None:
+                continue
+            if "error" in m:
+                t.add_row(label, "", "error", m["error"][:60], "", "", "", "")
+                continue
+            same = ref is not None and "error" not in ref and m["tokens"] == ref["tokens"]
+            t.add_row(label, f"{m['tokens']:,}", _fmt_times(m), _fmt_mib(m["state_mib"]),
+                      _fmt_mib(m["step_peak_extra_mib"]), f"{m['loss']:.6f}",
+                      f"{ratio(m['step_peak_extra_mib'], ref['step_peak_extra_mib']):.3f}x" if same else "n/a",
+                      f"{ratio(m['time_s'], ref['time_s']):.2f}x" if same else "n/a")
+        console.print(t)
+        check = ll.get("check")
+        if check:
+            console.print(f"fused vs chunked: loss rel. diff {check['loss_rel_diff']:.1e}, d hidden norm rel. diff "
+                          f"{check['grad_hidden_rel_diff']:.1e}, d weight norm rel. diff {check['grad_weight_rel_diff']:.1e}")
+
     liger = results.get("liger")
     if liger and "skipped" in liger:
         console.print(f"[yellow]Liger comparison skipped: {liger['skipped']}[/yellow]")
@@ -656,6 +757,15 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--tokens", type=int, default=None, help="KL response tokens N (default 512; --quick 32)")
     parser.add_argument("--vocab", type=int, default=None, help="KL vocabulary (default 151936; --quick 1000)")
     parser.add_argument("--kl-chunk", type=int, default=128, help="distill_sums chunk size for the KL comparison")
+    parser.add_argument("--logit-tokens", type=int, default=None,
+                        help="logit-loss comparison rows (default 4096 = 4 x 1024; --quick 64)")
+    parser.add_argument("--logit-seq", type=int, default=1024, help="tokens per sequence there (EAKLD's means)")
+    parser.add_argument("--logit-hidden", type=int, default=None, help="hidden size there (default the model's)")
+    parser.add_argument("--logit-naive-tokens", type=int, default=None,
+                        help="rows for the naive logit loss (default: --logit-tokens on CUDA, 1024 on CPU; 0 skips)")
+    parser.add_argument("--logit-warmup", type=int, default=0, help="untimed logit-loss steps (default 0)")
+    parser.add_argument("--logit-repeats", type=int, default=1, help="timed logit-loss steps (default 1)")
+    parser.add_argument("--no-logit-loss", action="store_true", help="skip the logit-loss comparison")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before measuring (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps; the median is reported (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
@@ -674,6 +784,9 @@ def parse_args(argv: list[str] | None):
         args.tokens = args.tokens or 32
         args.vocab = args.vocab or QUICK_SHAPE["vocab_size"]
         args.repeats = min(args.repeats, 2)
+        args.logit_tokens = args.logit_tokens or 64
+        args.logit_seq = min(args.logit_seq, 16)
+        args.logit_naive_tokens = 64 if args.logit_naive_tokens is None else args.logit_naive_tokens
         args.start_method = args.start_method or "forkserver"
     else:
         if args.layers is None and not cuda:
@@ -682,6 +795,9 @@ def parse_args(argv: list[str] | None):
         args.batch = args.batch or (4 if cuda else 2)
         args.tokens = args.tokens or 512
         args.vocab = args.vocab or 151936
+        args.logit_tokens = args.logit_tokens or 4096
+        if args.logit_naive_tokens is None:
+            args.logit_naive_tokens = args.logit_tokens if cuda else min(args.logit_tokens, 1024)
     args.start_method = args.start_method or "spawn"
     for name in ("seq", "batch", "tokens", "vocab", "kl_chunk", "repeats", "chunk_size"):
         if getattr(args, name) < 1:
@@ -729,6 +845,37 @@ def main(argv: list[str] | None = None) -> int:
     except ChildError as exc:
         console.print(f"[red]bench_train failed:[/red] {exc}")
         return 2
+
+    logit_loss = None
+    if not args.no_logit_loss:
+        hidden = args.logit_hidden or shape["hidden_size"]
+        ll_spec = {**common, "warmup": args.logit_warmup, "repeats": args.logit_repeats, "vocab": args.vocab,
+                   "hidden": hidden, "seq": min(args.logit_seq, args.logit_tokens), "chunk_size": args.kl_chunk}
+        logit_loss = {"tokens": args.logit_tokens, "naive_tokens": args.logit_naive_tokens, "hidden": hidden,
+                      "vocab": args.vocab, "dtype": args.dtype, "chunk_size": args.kl_chunk,
+                      "seq": ll_spec["seq"], "runs": {}}
+        plan = [("fused", args.logit_tokens), ("chunked", args.logit_tokens), ("naive", args.logit_naive_tokens)]
+        for mode, tokens in plan:
+            if tokens < 1:
+                continue
+            label = f"logit loss {mode} (N={tokens})"
+            try:
+                logit_loss["runs"][mode] = run_child(ctx, "logit_loss", {**ll_spec, "tokens": tokens, "mode": mode,
+                                                                         "seq": min(ll_spec["seq"], tokens)},
+                                                     label, console)
+            except ChildError as exc:
+                console.print(f"[yellow]{label} failed: {exc}[/yellow]")
+                logit_loss["runs"][mode] = {"error": str(exc).splitlines()[0]}
+        f, c = logit_loss["runs"].get("fused", {}), logit_loss["runs"].get("chunked", {})
+        if "loss" in f and "loss" in c:
+            def rel(a, b):
+                return abs(a - b) / max(abs(b), 1e-30)
+
+            logit_loss["check"] = {"loss_rel_diff": rel(f["loss"], c["loss"]),
+                                   "grad_hidden_rel_diff": rel(f["grad_norm_hidden"], c["grad_norm_hidden"]),
+                                   "grad_weight_rel_diff": rel(f["grad_norm_weight"], c["grad_norm_weight"])}
+            logit_loss["ratio"] = {"step_peak_extra": ratio(f["step_peak_extra_mib"], c["step_peak_extra_mib"]),
+                                   "time": ratio(f["time_s"], c["time_s"])}
 
     liger = None
     if args.liger:
@@ -805,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if liger is not None:
         results["liger"] = liger
+    if logit_loss is not None:
+        results["logit_loss"] = logit_loss
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("edgerazor.export",)),
     ("runtime", ("edgerazor.runtime",)),
     ("llama_cpp", ("edgerazor.llama_cpp",)),
-    ("run", ("edgerazor.demo", "edgerazor.run_folder", "edgerazor.run")),
+    ("run", ("edgerazor.demo", "edgerazor.demo_video", "edgerazor.run_folder", "edgerazor.run")),
+    ("plan", ("edgerazor.plan",)),
     ("cli", ("edgerazor.cli",)),
 ]
 #: Built-in plugins use the public API of any stage; the core must never import them directly.

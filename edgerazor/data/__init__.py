@@ -74,6 +74,10 @@ def _mixture(section: DataSection, tokenizer, think_tags: tuple[str, str] | None
     if not section.sources:
         raise DataError("data.sources is empty: list at least one source (a local file, directory or hub id)")
     for i, source in enumerate(section.sources):
+        if source.format == "video":
+            raise DataError(f"{source.describe(i)} has format 'video': video rows need a video-capable model adapter "
+                            "(e.g. --adapter qwen2_5_omni); this one builds text rows only")
+    for i, source in enumerate(section.sources):
         if source.format == "chat":
             require_chat_template(tokenizer, source.describe(i))
     raws, stats = [], DataStats(max_length=section.max_length)

@@ -21,14 +21,15 @@ class SourceStats:
     records: int = 0  # records (documents, for text) read from the source
     capped: int = 0  # records left out by max_samples (text sources cap blocks instead: 0)
     empty: int = 0  # dropped: no text / an empty response (after strip_think) / no assistant turn
-    no_response: int = 0  # dropped: no response token within max_length
+    no_response: int = 0  # dropped: no response token within max_length (video: prompt and placeholders fill it)
+    bad_video: int = 0  # dropped: missing or unreadable clip (video sources with on_bad_video: skip)
     truncated: int = 0  # kept, but cut at max_length
     kept: int = 0  # training rows made (packed blocks, for text)
     drawn: int = 0  # rows the mixture took (repeats included)
 
     @property
     def dropped(self) -> int:
-        return self.empty + self.no_response
+        return self.empty + self.no_response + self.bad_video
 
 
 @dataclass

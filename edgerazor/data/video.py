@@ -368,6 +368,48 @@ def _reason(exc: Exception) -> str:
     return text if text.startswith(("does not", "has ", "decoded", "aspect")) else f"cannot be read: {text}"
 
 
+def build_video_datasets(section: DataSection, tokenizer):
+    """``BuiltData`` (train, eval, stats) for a data section of video sources: each source's rows from
+    ``build_video_rows``, capped by ``max_samples``, mixed by ratio, split by ``eval_fraction``, and wrapped in
+    ``VideoDataset`` so clips are decoded per item in the dataloader workers, never here.
+
+    Every source must be ``format: video`` with the same sampling (``fps``, ``min_pixels``, ``max_pixels``): one
+    batch's clips are decoded with one spec.
+    """
+    from edgerazor.data import BuiltData, DataStats, SourceStats
+    from edgerazor.data.sources import mix, quotas, split_eval
+
+    if not section.sources:
+        raise DataError("data.sources is empty: list at least one source (a jsonl file of video rows)")
+    for i, source in enumerate(section.sources):
+        if source.format != "video":
+            raise DataError(f"{source.describe(i)} has format {source.format!r}; this adapter's video data needs "
+                            "every source to be format: video (text and video rows are not mixed)")
+    spec = VideoSpec.from_source(section.sources[0])
+    for i, source in enumerate(section.sources[1:], 1):
+        if VideoSpec.from_source(source) != spec:
+            raise DataError(f"{source.describe(i)}: fps, min_pixels and max_pixels must match data.sources[0]'s "
+                            "(one batch is decoded with one sampling spec)")
+    parts, stats = [], DataStats(max_length=section.max_length)
+    for i, source in enumerate(section.sources):
+        rows, counts = build_video_rows(source, section, tokenizer, i)
+        capped = 0
+        if source.max_samples is not None and len(rows) > source.max_samples:
+            capped = len(rows) - source.max_samples
+            rows = rows.shuffle(seed=section.seed).select(range(source.max_samples)).flatten_indices()
+        stats.sources.append(SourceStats(counts.source, "video", counts.records, capped, empty=counts.empty,
+                                         no_response=counts.too_long, bad_video=counts.bad_video,
+                                         truncated=counts.truncated, kept=len(rows)))
+        parts.append(rows.add_column("source", [counts.source] * len(rows)))
+    for source_stats, count in zip(stats.sources, quotas([len(p) for p in parts],
+                                                         [s.ratio for s in section.sources], section.num_samples)):
+        source_stats.drawn = count
+    train, evaluation = split_eval(mix(parts, section), section.eval_fraction, section.seed)
+    stats.train, stats.eval = len(train), 0 if evaluation is None else len(evaluation)
+    wrap = lambda rows: None if rows is None else VideoDataset(rows, spec)  # noqa: E731
+    return BuiltData(wrap(train), wrap(evaluation), stats)
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Rows from ``build_video_rows`` whose clips are decoded on access, so each dataloader worker decodes its
     own items and no clip outlives its batch."""
@@ -380,22 +422,28 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[int(i)]
+        where = row.get("source") or self.where  # rows mixed from several sources name their own
         try:
             info = probe(row["video"])
             frames = decode(row["video"], sample_indices(info.frames, info.fps, self.spec))
             pixels, grid = process_frames(frames, self.spec)
         except Exception as exc:
-            raise VideoError(f"{self.where}: row {row['row']}: video {row['video']} {_reason(exc)}") from None
+            raise VideoError(f"{where}: row {row['row']}: video {row['video']} {_reason(exc)}") from None
         if list(grid) != list(row["video_grid_thw"]):
-            raise VideoError(f"{self.where}: row {row['row']}: video {row['video']} changed since the rows were "
+            raise VideoError(f"{where}: row {row['row']}: video {row['video']} changed since the rows were "
                              f"built (grid {list(grid)}, rows expect {list(row['video_grid_thw'])})")
         return {"input_ids": row["input_ids"], "labels": row["labels"], "pixel_values_videos": pixels,
-                "video_grid_thw": grid}
+                "video_grid_thw": grid, "video_second_per_grid": self.spec.second_per_grid}
 
 
 @dataclass
 class VideoCollator:
-    """Pads token rows like ``DistillCollator`` and concatenates the clips' patches in batch order."""
+    """Pads token rows like ``DistillCollator`` and concatenates the clips' patches in batch order.
+
+    Video inputs are per clip, as the model takes them: rows without a clip (text rows) add only tokens, and a
+    batch without any clip is a plain text batch. A clip's seconds per grid come with its item when the dataset
+    gives them (``VideoDataset`` does), else from ``spec``.
+    """
 
     tokenizer: Any
     spec: VideoSpec = VideoSpec()
@@ -404,9 +452,13 @@ class VideoCollator:
         from edgerazor.data.formatting import DistillCollator
 
         batch = DistillCollator(self.tokenizer)([{"input_ids": x["input_ids"], "labels": x["labels"]} for x in items])
-        batch["pixel_values_videos"] = torch.cat([x["pixel_values_videos"] for x in items])
-        batch["video_grid_thw"] = torch.tensor([list(x["video_grid_thw"]) for x in items], dtype=torch.long)
-        batch["video_second_per_grid"] = torch.full((len(items),), self.spec.second_per_grid, dtype=torch.float32)
+        clips = [x for x in items if x.get("pixel_values_videos") is not None]
+        if not clips:
+            return batch
+        batch["pixel_values_videos"] = torch.cat([x["pixel_values_videos"] for x in clips])
+        batch["video_grid_thw"] = torch.tensor([list(x["video_grid_thw"]) for x in clips], dtype=torch.long)
+        batch["video_second_per_grid"] = torch.tensor(
+            [float(x.get("video_second_per_grid", self.spec.second_per_grid)) for x in clips], dtype=torch.float32)
         return batch
 
 

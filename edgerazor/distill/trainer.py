@@ -10,6 +10,7 @@ previous checkpoint as the one ``--resume`` picks.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -22,6 +23,7 @@ from transformers import Trainer, TrainingArguments
 
 from edgerazor.distill.console import use_log_lines
 from edgerazor.distill.features import record_residual_stream
+from edgerazor.distill.fused import fused_unsupported
 from edgerazor.adapters import ModelAdapter, adapter_for_model
 from edgerazor.errors import EdgeRazorError
 from edgerazor.file_modes import apply_umask
@@ -31,6 +33,7 @@ from edgerazor.distill.objective import ModelOutputs, check_vocabularies, distil
 from edgerazor.recipe import Recipe, dump_recipe
 
 COMPLETE_MARKER = "edgerazor_checkpoint_complete"
+logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -70,13 +73,43 @@ class DistillationTrainer(Trainer):
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
         self._layer_counts: Counter[int] = Counter()
+        self.fused_logits = self._use_fused(recipe)
+
+    def _use_fused(self, recipe: Recipe) -> bool:
+        if not recipe.distill.fused_logits:
+            return False
+        why = ("distill.extra_losses read logits" if recipe.distill.extra_losses
+               else fused_unsupported(self.model) or fused_unsupported(self.teacher))
+        if why:
+            logger.warning("distill.fused_logits: %s; using the unfused logit loss", why)
+        return why is None
 
     def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ModelOutputs:
-        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        model_inputs = self.adapter.model_inputs(inputs)  # tokens, and e.g. a video family's pixels and grids
         inner = model.module if hasattr(model, "module") else model
-        with record_residual_stream(self.adapter.decoder_layers(inner)) as states:
-            logits = model(**model_inputs, use_cache=False).logits
-        return ModelOutputs(logits, states)
+        if not self.fused_logits:
+            with record_residual_stream(self.adapter.decoder_layers(inner)) as states:
+                logits = model(**model_inputs, use_cache=False).logits
+            return ModelOutputs(logits, states)
+        # The fused loss projects the lm_head's input itself: record it and hand the head an empty
+        # slice, so the model computes no logits at all.
+        head = inner.get_output_embeddings()
+        seen: list[torch.Tensor] = []
+
+        def take_input(module, args):
+            seen.append(args[0])
+            return (args[0][..., :0, :],)
+
+        handle = head.register_forward_pre_hook(take_input)
+        try:
+            with record_residual_stream(self.adapter.decoder_layers(inner)) as states:
+                model(**model_inputs, use_cache=False)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise EdgeRazorError(f"fused logit loss: the lm_head ran {len(seen)} times in one forward (expected "
+                                 "once); set distill.fused_logits: false for this model")
+        return ModelOutputs(None, states, head_input=seen[0], head=head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with torch.no_grad():
@@ -111,7 +144,8 @@ class DistillationTrainer(Trainer):
         """
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         start = time.perf_counter()
-        ppl = perplexity(self.model, dataset, self.args.per_device_eval_batch_size, progress=False)
+        ppl = perplexity(self.model, dataset, self.args.per_device_eval_batch_size, progress=False,
+                         collate=self.data_collator, model_inputs=self.adapter.model_inputs)
         metrics = {f"{metric_key_prefix}_perplexity": ppl, f"{metric_key_prefix}_seconds": time.perf_counter() - start}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

@@ -32,14 +32,20 @@ def _batches(dataset, batch_size: int) -> Iterable[list[Mapping]]:
             yield [dataset[i] for i in range(start, stop)]
 
 
-def nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
-    """(sum of next-token NLL in float64, number of predicted tokens) for one collated batch."""
+def _token_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if batch.get(k) is not None}
+
+
+def nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor], model_inputs=None) -> tuple[float, int]:
+    """(sum of next-token NLL in float64, number of predicted tokens) for one collated batch.
+
+    ``model_inputs(batch)`` picks the forward's keyword arguments (an adapter's ``model_inputs``: a video
+    family adds pixels and grids); by default ``input_ids`` and ``attention_mask``."""
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
-    attention_mask = batch.get("attention_mask")
-    kwargs = {"attention_mask": attention_mask.to(device)} if attention_mask is not None else {}
-    logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+              for k, v in (model_inputs or _token_inputs)(batch).items()}
+    logits = model(use_cache=False, **kwargs).logits
     total, count = 0.0, 0
     for row in range(logits.shape[0]):  # one row at a time: float32 logits of a big vocabulary are large
         target = labels[row, 1:]
@@ -52,19 +58,23 @@ def nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[float,
     return total, count
 
 
-def perplexity(model: nn.Module, dataset, batch_size: int = 8, progress: bool = True) -> float:
+def perplexity(model: nn.Module, dataset, batch_size: int = 8, progress: bool = True, collate=None,
+               model_inputs=None) -> float:
     """Token-weighted ``exp(mean NLL)`` of ``model`` over ``dataset`` rows (``input_ids``, ``labels``).
 
     Runs in eval mode under ``no_grad`` and restores the model's training mode afterwards.
     Rows may differ in length (they are right-padded and masked); a row without ``labels``
-    is scored on all of its tokens. Raises if no row has a token to predict.
+    is scored on all of its tokens. Raises if no row has a token to predict. ``collate`` (rows -> batch)
+    and ``model_inputs`` (batch -> forward kwargs) are the adapter's for rows beyond tokens (video clips);
+    by default rows are right-padded with the model's pad id and the forward sees tokens and mask.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    config = getattr(model, "config", None)
-    pad_id = getattr(config, "pad_token_id", None) if config is not None else None
-    pad_id = pad_id if isinstance(pad_id, int) else 0
-    collate = DistillCollator(None, pad_token_id=pad_id)  # right padding, labels -100, attention mask
+    if collate is None:
+        config = getattr(model, "config", None)
+        pad_id = getattr(config, "pad_token_id", None) if config is not None else None
+        pad_id = pad_id if isinstance(pad_id, int) else 0
+        collate = DistillCollator(None, pad_token_id=pad_id)  # right padding, labels -100, attention mask
     was_training = model.training
     total, count = 0.0, 0
     batches = _batches(dataset, batch_size)
@@ -77,7 +87,7 @@ def perplexity(model: nn.Module, dataset, batch_size: int = 8, progress: bool = 
         model.eval()
         with torch.no_grad():
             for rows in batches:
-                s, c = nll_sum(model, collate(rows))
+                s, c = nll_sum(model, collate(rows), model_inputs)
                 total += s
                 count += c
     finally:
