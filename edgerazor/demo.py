@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -462,11 +462,21 @@ def prepare_demo(
         _log(progress, f"using the cached teacher in {final}")
         return _load_assets(final, settings, from_cache=True)
 
-    root.mkdir(parents=True, exist_ok=True)
     _log(progress, f"building the demo teacher (cached afterwards in {final})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    build_cache_entry(final, lambda tmp: _build(tmp, settings, corpus, progress))
+    return _load_assets(final, settings, from_cache=False)
+
+
+def build_cache_entry(final: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build(tmp)`` in a temporary sibling of ``final`` and rename it into place.
+
+    An entry is complete when its ``meta.json`` exists (``build`` writes it last): an interrupted build
+    leaves nothing a later run could mistake for a finished one, and an incomplete entry is replaced.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _build(tmp, settings, corpus, progress)
+        build(tmp)
         if final.exists() and not (final / "meta.json").is_file():
             shutil.rmtree(final)  # an incomplete entry left by something else: replace it
         try:
@@ -478,4 +488,3 @@ def prepare_demo(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return _load_assets(final, settings, from_cache=False)

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,7 +470,7 @@ def prepare_video_demo(settings: DemoVideoSection = DemoVideoSection(), cache_di
 
     ``cache_dir`` is the cache root (default ``default_cache_root("demo-video")``); a complete entry is never
     rebuilt, and a build goes to a temporary sibling renamed into place when complete."""
-    from edgerazor.demo import default_cache_root, use_all_cores
+    from edgerazor.demo import build_cache_entry, default_cache_root, use_all_cores
 
     use_all_cores()
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root("demo-video")
@@ -481,21 +478,8 @@ def prepare_video_demo(settings: DemoVideoSection = DemoVideoSection(), cache_di
     if (final / "meta.json").is_file():
         _log(progress, f"using the cached video teacher in {final}")
         return _assets(final, settings, from_cache=True)
-    root.mkdir(parents=True, exist_ok=True)
     _log(progress, f"building the video demo (cached afterwards in {final})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        _build(tmp, settings, progress)
-        if final.exists() and not (final / "meta.json").is_file():
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_cache_entry(final, lambda tmp: _build(tmp, settings, progress))
     return _assets(final, settings, from_cache=False)
 
 
