@@ -155,6 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = list(args.set or []) + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
     overrides += ["model.compute_dtype=as_stored"] if args.keep_dtype else []
+    overrides += [f"train.deepspeed={args.deepspeed}"] if args.deepspeed else []
     with library_bars_off():  # one bar per stage of ours: none for loading or saving a model
         run_command(args.recipe, args.teacher, args.adapter, overrides, args.output, args.resume,
                 args.overwrite, args.accept_changes)
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --resume: accept safe recipe changes (more steps, logging/saving intervals)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a previous EdgeRazor run in the output folder (never anything else)")
+    run.add_argument("--deepspeed", type=Path, default=None, metavar="CONFIG",
+                     help="DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json (sets train.deepspeed); "
+                          "launch with torchrun/deepspeed/accelerate launch")
     run.set_defaults(func=_cmd_run)
 
     export = sub.add_parser("export", help="export a run's student (or a student dir) with an exporter plugin")

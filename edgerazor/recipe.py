@@ -275,6 +275,10 @@ class TrainSection(Section):
     seed: Seed = 42
     bf16: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed JSON config (configs/deepspeed/zero2.json): the student trains under ZeRO; "
+        "launch with torchrun, deepspeed or accelerate launch"
+    )
 
     @field_validator("max_steps")
     @classmethod

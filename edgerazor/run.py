@@ -389,6 +389,10 @@ def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | No
                              "set model.teacher (or --teacher) to train on data.sources, or remove them")
     if not demo and recipe.data.sources and recipe.data.eval_fraction == 0:
         raise EdgeRazorError("data.eval_fraction is 0: set it (e.g. 0.02) so the run can report held-out perplexity")
+    if recipe.train.deepspeed:
+        from edgerazor.distill.trainer import deepspeed_config
+
+        deepspeed_config(recipe.train.deepspeed)  # a bad config fails here, not after minutes of loading
     output_dir = output or Path("runs") / recipe.name
     plan = prepare_output(output_dir, recipe.model_dump(mode="json"), resume, overwrite, accept_changes)
     if plan.stored is not None and not demo and not demo_video and not teacher and not recipe.model.teacher:

@@ -209,8 +209,35 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, **overrides) -> T
         remove_unused_columns=False,
         report_to="none",
     )
+    if t.deepspeed:
+        kwargs["deepspeed"] = deepspeed_config(t.deepspeed)
+        # compute_loss divides by num_items_in_batch without the Trainer's x world-size rescale: so each
+        # rank normalises by its own response tokens, and DeepSpeed's gradient mean over ranks is the
+        # single-process loss whenever the ranks hold equally many (packed text blocks do)
+        kwargs["average_tokens_across_devices"] = False
+        if not torch.cuda.is_available():
+            # CPU ranks (DS_ACCELERATOR=cpu): without use_cpu the Trainer starts no process group under
+            # DeepSpeed and every rank would train alone as world size 1; gloo is the CPU backend
+            kwargs.update(use_cpu=True, ddp_backend="gloo")
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def deepspeed_config(path: str | Path) -> str:
+    """The checked path of a DeepSpeed JSON config; its ``"auto"`` values are filled by the Trainer from
+    the recipe (micro-batch, accumulation, clipping, bf16). Missing, unreadable or not a JSON object: one line."""
+    import json
+
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except OSError as exc:
+        raise EdgeRazorError(f"DeepSpeed config {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise EdgeRazorError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise EdgeRazorError(f"DeepSpeed config {path} must be a JSON object, not {type(config).__name__}")
+    return str(path)
 
 
 def distill(

@@ -1,0 +1,127 @@
+"""``train.deepspeed`` / ``edgerazor run --deepspeed``: a ZeRO-2 student on 2 CPU ranks (gloo) trains like one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgerazor.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
+
+# Distils the teacher for the recipe's steps; rank 0 writes the logged per-step losses and the engine used.
+DRIVER = '''
+import copy, json, sys
+from pathlib import Path
+from transformers import TrainerCallback
+import edgerazor
+from edgerazor.distill import distill
+from edgerazor.recipe import load_recipe
+from edgerazor.run import load_inputs
+
+recipe_path, teacher, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+recipe = load_recipe(Path(recipe_path), sys.argv[4:])
+inputs = load_inputs(recipe, teacher)
+inputs.teacher.float()
+student = copy.deepcopy(inputs.teacher)
+edgerazor.quantize(student, recipe, adapter=inputs.adapter)
+losses = {}
+
+class Losses(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            losses[state.global_step] = logs["loss"]
+
+trainer = distill(inputs.teacher, student, inputs.train_dataset, recipe, out / "checkpoints",
+                  inputs.adapter.collator(inputs.tokenizer), adapter=inputs.adapter, callbacks=[Losses()],
+                  disable_tqdm=True)
+engine = trainer.model_wrapped
+if trainer.args.process_index == 0:
+    (out / "losses.json").write_text(json.dumps({
+        "world_size": trainer.args.world_size, "losses": losses, "engine": type(engine).__name__,
+        "zero_stage": engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None}))
+'''
+
+
+def _deepspeed_importable() -> bool:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, timeout=300).returncode == 0
+
+
+def _recipe(teacher_dir: Path, tmp_path: Path) -> Path:
+    recipe = {
+        "name": "tiny",
+        "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}},
+        "data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}], "max_length": 32, "eval_fraction": 0.25},
+        "train": {"max_steps": 3, "per_device_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
+                  "save_steps": 100, "warmup_ratio": 0.0},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _train(cmd: list[str], out: Path) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "losses.json").read_text())
+
+
+@pytest.mark.slow
+def test_zero2_on_two_cpu_ranks_matches_one_process_with_the_double_batch(teacher_dir, tmp_path):
+    """2 ranks x micro-batch 2 under ZeRO-2 == 1 process x batch 4 without DeepSpeed, step by step.
+
+    The rows agree by construction: accelerate hands rank r the r-th consecutive batch of the same
+    seeded shuffle, so one step of 2 ranks x 2 reads the rows one process reads at batch 4. The packed
+    text blocks all hold the same number of response tokens, so the mean over ranks of each rank's loss
+    is the single-process loss. float32; tolerance rtol 1e-5 (reduction order only)."""
+    if shutil.which("torchrun") is None or not _deepspeed_importable():
+        pytest.skip("needs torchrun and an importable deepspeed (DS_ACCELERATOR=cpu)")
+    recipe = _recipe(teacher_dir, tmp_path)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    ranks = _train(["torchrun", "--nproc_per_node", "2", "--master_port", "29631", str(driver), str(recipe),
+                    str(teacher_dir), str(tmp_path / "zero2"), f"train.deepspeed={ZERO2}"], tmp_path / "zero2")
+    single = _train([sys.executable, str(driver), str(recipe), str(teacher_dir), str(tmp_path / "one"),
+                     "train.per_device_batch_size=4"], tmp_path / "one")
+    assert ranks["world_size"] == 2 and ranks["engine"] == "DeepSpeedEngine" and ranks["zero_stage"] == 2
+    assert single["world_size"] == 1 and single["engine"] != "DeepSpeedEngine"
+    assert list(ranks["losses"]) == list(single["losses"]) == ["1", "2", "3"]
+    steps = list(single["losses"])
+    assert [ranks["losses"][s] for s in steps] == pytest.approx([single["losses"][s] for s in steps], rel=1e-5)
+    assert single["losses"]["3"] < single["losses"]["1"]  # it trains: a wrong update would not match step 2-3
+
+
+def test_shipped_zero2_config_leaves_batch_and_clipping_to_the_recipe():
+    config = json.loads(ZERO2.read_text())
+    assert config["zero_optimization"]["stage"] == 2
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto"
+    assert config["bf16"]["enabled"] == "auto"
+    assert "optimizer" not in config and "scheduler" not in config  # the Trainer's AdamW and schedule
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "DeepSpeed config"), ("{not json", "is not valid JSON"), ("[1, 2]", "must be a JSON object, not list"),
+])
+def test_missing_or_invalid_deepspeed_config_is_a_one_line_error(teacher_dir, tmp_path, capsys, content, message):
+    config = tmp_path / "ds.json"
+    if content is not None:
+        config.write_text(content)
+    out = tmp_path / "out"
+    assert main(["run", "--recipe", str(_recipe(teacher_dir, tmp_path)), "--teacher", str(teacher_dir),
+                 "--output", str(out), "--deepspeed", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgerazor: error:") and message in err and str(config) in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()  # checked before the output folder or the teacher is touched
