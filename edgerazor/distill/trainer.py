@@ -116,6 +116,14 @@ class DistillationTrainer(Trainer):
             teacher_out = self._forward(self.teacher, inputs)
         student_out = self._forward(model, inputs)
         result = distillation_loss(student_out, teacher_out, inputs, self.recipe.distill, num_items_in_batch)
+        # num_items_in_batch counts every rank's response tokens while DDP / ZeRO average gradients over the
+        # ranks: scale by the rank count, as the Trainer's own compute_loss does, so any world size equals one
+        # process with the whole batch (1 in a single process)
+        ranks = self.accelerator.num_processes if (
+            self.args.average_tokens_across_devices and num_items_in_batch is not None) else 1
+        if ranks != 1:
+            result.total = result.total * ranks
+            result.terms = {name: value * ranks for name, value in result.terms.items()}
         if model.training:
             for name, value in result.terms.items():
                 self._sums[name] += float(value.detach())
@@ -211,10 +219,6 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, **overrides) -> T
     )
     if t.deepspeed:
         kwargs["deepspeed"] = deepspeed_config(t.deepspeed)
-        # compute_loss divides by num_items_in_batch without the Trainer's x world-size rescale: so each
-        # rank normalises by its own response tokens, and DeepSpeed's gradient mean over ranks is the
-        # single-process loss whenever the ranks hold equally many (packed text blocks do)
-        kwargs["average_tokens_across_devices"] = False
         if not torch.cuda.is_available():
             # CPU ranks (DS_ACCELERATOR=cpu): without use_cpu the Trainer starts no process group under
             # DeepSpeed and every rank would train alone as world size 1; gloo is the CPU backend
