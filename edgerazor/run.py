@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -28,7 +27,7 @@ from rich.table import Table
 from edgerazor.adapters import ModelAdapter, resolve_adapter
 from edgerazor.errors import EdgeRazorError
 from edgerazor.precision import Capability, ComputePlan, announce, cast_parameters
-from edgerazor.file_modes import apply_umask
+from edgerazor.export.files import staged
 from edgerazor.recipe import Recipe, dump_recipe, load_recipe
 from edgerazor.run_folder import prepare_output, write_run_file
 
@@ -65,12 +64,6 @@ def teacher_config(location: str, trust_remote_code: bool = False):
     from edgerazor.shapes import model_config
 
     return model_config(location, trust_remote_code)
-
-
-def select_adapter(location: str, requested: str | None, trust_remote_code: bool = False) -> ModelAdapter:
-    """The adapter for the teacher at ``location``, chosen from its config alone (no weights loaded):
-    ``requested`` (a name, or None / ``auto``) must serve the teacher's model_type."""
-    return resolve_adapter(teacher_config(location, trust_remote_code).model_type, requested)
 
 
 def check_recipe_fits(recipe: Recipe, family: ModelAdapter, config) -> None:
@@ -159,19 +152,22 @@ def compute_plan(recipe: Recipe, capability: Capability | None = None) -> Comput
                 insist="--keep-dtype or model.compute_dtype: as_stored")
 
 
+def _not_a_student(path: Path) -> str | None:
+    """None when ``path`` is a student an earlier save of this run left (its config.json has an edgerazor entry)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "it has no readable config.json"
+    return None if isinstance(config, dict) and "edgerazor" in config else "its config.json has no edgerazor entry"
+
+
 def save_atomically(model, tokenizer, target: Path) -> None:
-    """Write to a temporary sibling, then rename: a killed save never leaves a half model at ``target``."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    apply_umask(target)  # safetensors writes 0600 whatever the umask
+    """Save into a unique temporary sibling and rename it into place (the exports' staged write): a killed
+    save never leaves a half model at ``target``, only an earlier student is ever replaced, and file modes
+    follow the umask (safetensors alone writes 0600)."""
+    with staged(target, directory=True, overwrite=True, foreign=_not_a_student, what="student") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def gap_closure_fields(teacher_ppl: float, rtn_ppl: float, student_ppl: float) -> dict[str, Any]:
