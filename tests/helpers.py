@@ -78,3 +78,18 @@ def forget_plugin_modules() -> None:
     next import loads them from the site directory on sys.path then, not from an earlier install."""
     for name in [m for m in sys.modules if m == PLUGIN_MODULE or m.startswith(PLUGIN_MODULE + ".")]:
         del sys.modules[name]
+
+
+def tiny_run_recipe(teacher_dir: Path, path: Path, **train) -> Path:
+    """A tiny W1.88-A8-KV8 ``edgerazor run`` recipe on ``teacher_dir``'s corpus.txt, written to ``path``;
+    ``train`` sets the train section (steps, batch, intervals) over a 1e-3 learning rate logged every step."""
+    import yaml
+
+    recipe = {
+        "name": "tiny",
+        "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}},
+        "data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}], "max_length": 32, "eval_fraction": 0.25},
+        "train": {"learning_rate": 1e-3, "logging_steps": 1, **train},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from edgerazor.cli import main
+from tests.helpers import tiny_run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
@@ -57,16 +57,8 @@ def _deepspeed_importable() -> bool:
 
 
 def _recipe(teacher_dir: Path, tmp_path: Path) -> Path:
-    recipe = {
-        "name": "tiny",
-        "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}},
-        "data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}], "max_length": 32, "eval_fraction": 0.25},
-        "train": {"max_steps": 3, "per_device_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_steps": 100, "warmup_ratio": 0.0},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return tiny_run_recipe(teacher_dir, tmp_path / "tiny.yaml", max_steps=3, per_device_batch_size=2, save_steps=100,
+                           warmup_ratio=0.0)
 
 
 def _train(cmd: list[str], out: Path) -> dict:

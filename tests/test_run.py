@@ -13,19 +13,13 @@ from edgerazor.eval.perplexity import perplexity
 from edgerazor.run import builtin_recipe, gap_closure
 from edgerazor.quant import QuantLinear
 from edgerazor.recipe import load_recipe
+from tests.helpers import tiny_run_recipe
 
 
 @pytest.mark.slow
 def test_run_recipe_end_to_end(teacher_dir, tmp_path, capsys):
-    recipe = {
-        "name": "tiny",
-        "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}},
-        "data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}], "max_length": 32, "eval_fraction": 0.25},
-        "train": {"max_steps": 3, "per_device_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_steps": 2, "eval_steps": 1},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tiny_run_recipe(teacher_dir, tmp_path / "tiny.yaml", max_steps=3, per_device_batch_size=4, save_steps=2,
+                           eval_steps=1)
     out = tmp_path / "out"
     assert main(["run", "--recipe", str(path), "--teacher", str(teacher_dir), "--output", str(out),
                  "--set", "train.max_steps=2"]) == 0

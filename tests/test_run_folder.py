@@ -14,22 +14,14 @@ from edgerazor.cli import main
 from edgerazor.errors import EdgeRazorError, OutputExistsError, QuantizationError
 from edgerazor.run import run_command
 from edgerazor.run_folder import SAFE_RESUME_CHANGES, check_resume, prepare_output, recipe_changes
-from tests.helpers import tiny_qwen3_config
+from tests.helpers import tiny_qwen3_config, tiny_run_recipe
 
 from tests.helpers import TINY_TEXT as TEXT
 
 
 def recipe_file(tmp_path, teacher_dir, **train):
-    recipe = {
-        "name": "tiny",
-        "quant": {"scheme": "1.88-8-8", "weight": {"group_size": 64}},
-        "data": {"sources": [{"path": str(teacher_dir / "corpus.txt")}], "max_length": 32, "eval_fraction": 0.25},
-        "train": {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_steps": 1, **train},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return tiny_run_recipe(teacher_dir, tmp_path / "tiny.yaml",
+                           **{"max_steps": 2, "per_device_batch_size": 4, "save_steps": 1, **train})
 
 
 # -------------------------------------------------------------------------------------- units

@@ -125,6 +125,12 @@ class _ChunkedDistill(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def per_token_weights(w_forward: torch.Tensor | float, n: int, device) -> torch.Tensor:
+    """The KL mixer's forward-KL weight as a constant ``[n]`` tensor (a scalar weight is broadcast)."""
+    w = torch.as_tensor(w_forward, device=device).detach()
+    return w.expand(n).contiguous() if w.dim() == 0 else w
+
+
 def distill_sums(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -141,7 +147,5 @@ def distill_sums(
             f"teacher and student vocabularies differ: student logits have {student_logits.shape[-1]} "
             f"entries, teacher {teacher_logits.shape[-1]}; distillation needs the same tokenizer"
         )
-    n = pos.index.numel()
-    w = torch.as_tensor(w_forward, device=student_logits.device).detach()
-    w = w.expand(n).contiguous() if w.dim() == 0 else w
+    w = per_token_weights(w_forward, pos.index.numel(), student_logits.device)
     return _ChunkedDistill.apply(student_logits, teacher_logits.detach(), pos.index, pos.target, w, chunk_size)

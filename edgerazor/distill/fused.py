@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgerazor.distill.divergence import ResponsePositions, TokenStats
+from edgerazor.distill.divergence import ResponsePositions, TokenStats, per_token_weights
 from edgerazor.quant.modules import QuantLinear
 
 #: config fields that change logits after the lm_head matmul: the fused loss would not be exact
@@ -187,9 +187,7 @@ def fused_distill(
             f"teacher and student vocabularies differ: student lm_head has {w_s.shape[0]} rows, teacher "
             f"{w_t.shape[0]}; distillation needs the same tokenizer"
         )
-    n = pos.index.numel()
-    w = torch.as_tensor(w_forward, device=h_s.device).detach()
-    w = w.expand(n).contiguous() if w.dim() == 0 else w
+    w = per_token_weights(w_forward, pos.index.numel(), h_s.device)
     coef = torch.as_tensor(coef, device=h_s.device).detach()
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h_s, w_s, b_s))
     loss, sums = _FusedDistill.apply(h_s, w_s, b_s, h_t.detach(), w_t.detach(),

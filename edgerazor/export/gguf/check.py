@@ -192,6 +192,16 @@ def _same(read: Any, expected: Any) -> bool:
     return isinstance(read, str) and isinstance(expected, str) and read == expected
 
 
+def _same_names(path: Path, what: str, expected: Mapping[str, Any], read: Mapping[str, Any]) -> list[str]:
+    """The names, sorted, after refusing one that was written but is not read back, or read but never written."""
+    for name in sorted(set(expected) | set(read)):
+        if name not in read:
+            raise GGUFFormatError(f"{path} has no {what} {name!r}")
+        if name not in expected:
+            raise GGUFFormatError(f"{path} holds the unexpected {what} {name!r}")
+    return sorted(expected)
+
+
 def check_gguf(path: str | Path, tensors: Mapping[str, ExpectedTensor] | None = None,
                metadata: Mapping[str, Any] | None = None):
     """``read_gguf(path)``, then every tensor and key/value against the expectations given; returns the reader."""
@@ -199,11 +209,7 @@ def check_gguf(path: str | Path, tensors: Mapping[str, ExpectedTensor] | None = 
     reader = read_gguf(path)
     if tensors is not None:
         got = tensor_expectations(reader)
-        for name in sorted(set(tensors) | set(got)):
-            if name not in got:
-                raise GGUFFormatError(f"{path} has no tensor {name!r}")
-            if name not in tensors:
-                raise GGUFFormatError(f"{path} holds the unexpected tensor {name!r}")
+        for name in _same_names(path, "tensor", tensors, got):
             want, have = tensors[name], got[name]
             for key in ("ggml_type", "shape", "n_bytes"):
                 if getattr(want, key) != getattr(have, key):
@@ -214,11 +220,7 @@ def check_gguf(path: str | Path, tensors: Mapping[str, ExpectedTensor] | None = 
                                       f"{have.sha256[:12]}..., expected {want.sha256[:12]}...): the file is corrupted")
     if metadata is not None:
         got_kv = field_values(reader)
-        for key in sorted(set(metadata) | set(got_kv)):
-            if key not in got_kv:
-                raise GGUFFormatError(f"{path} has no key {key!r}")
-            if key not in metadata:
-                raise GGUFFormatError(f"{path} holds the unexpected key {key!r}")
+        for key in _same_names(path, "key", metadata, got_kv):
             if not _same(got_kv[key], metadata[key]):
                 raise GGUFFormatError(f"{path}: key {key!r} differs from what was written")
     return reader
