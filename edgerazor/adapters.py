@@ -228,6 +228,16 @@ class ModelAdapter:
             raise AdapterError(f"adapter {self.name!r}: gguf-py {gguf.__version__} knows no architecture {arch!r}")
         return gguf.get_tensor_name_map(member, int(config.get_text_config().num_hidden_layers))
 
+    def gguf_outside_text(self, config: PretrainedConfig) -> dict[str, str]:
+        """Parameter-name prefixes that are not part of the text GGUF -> where they go instead (a reason).
+
+        Text-only families have none; a multimodal family names its encoders (an mmproj file, or nowhere)."""
+        return {}
+
+    def gguf_mmproj(self, model: nn.Module):
+        """The encoder written as llama.cpp's mmproj file (an ``edgerazor.export.gguf.MmprojSpec``), or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class GenericAdapter(ModelAdapter):

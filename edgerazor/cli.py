@@ -164,7 +164,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _student_dir(path: Path) -> Path:
     """A run directory (``runs/<name>``) holds its student in ``student/``."""
-    return path / "student" if (path / "student" / "config.json").is_file() else path
+    from edgerazor.evaluation.models import student_dir
+
+    return student_dir(path)
 
 
 def _export_format(model, requested: str | None) -> str:
@@ -199,6 +201,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         options["strict"] = True
     if args.overwrite:
         options["overwrite"] = True
+    if args.mmproj is not None:
+        options["mmproj"] = args.mmproj
     accepted = exporter_options(get_plugin("exporters", name))
     if accepted is not None and "overwrite" not in accepted and not args.overwrite and args.out.exists():
         from edgerazor.errors import OutputExistsError
@@ -267,6 +271,93 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_limit(text: str) -> int | float:
+    """lm-eval's --limit: a count of examples per task, or a fraction of each task below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def _eval_batch_size(text: str) -> int | str:
+    if text == "auto" or text.startswith("auto:"):
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number or auto")
+    return int(text)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from edgerazor.evaluation.harness import CODE_TASKS, PAPER_TASKS, parse_gen_kwargs
+    from edgerazor.evaluation.report import deltas, markdown_table
+
+    console = Console(stderr=True)  # stdout holds only the table or the JSON
+    if args.compare:
+        from edgerazor.evaluation.records import records_from
+
+        if args.models:
+            raise EdgeRazorError("--compare reads saved results: give the results files after --compare, no MODEL")
+        records = records_from(args.compare)
+        print(markdown_table(records))
+        print(deltas(records))
+        return 0
+    if not args.models:
+        raise EdgeRazorError("edgerazor eval needs a MODEL (a run folder, student, packed export, model directory "
+                             "or hub id), or --compare RESULTS...")
+    from edgerazor.evaluation.families import EvalRequest
+    from edgerazor.evaluation.records import evaluate, write_outputs
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PAPER_TASKS)
+    if not args.tasks and not args.allow_code_execution:
+        tasks = [t for t in tasks if t not in CODE_TASKS]
+        console.print(f"leaving out {', '.join(CODE_TASKS)}: it runs the model's code (--allow-code-execution "
+                      "to include it)", highlight=False)
+    if not tasks:
+        raise EdgeRazorError("--tasks names no task")
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else []
+    if labels and len(labels) != len(args.models):
+        raise EdgeRazorError(f"--labels names {len(labels)} models, but {len(args.models)} are evaluated")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise EdgeRazorError(f"--data-dir {args.data_dir}: no such folder")
+    if args.output is not None:
+        from edgerazor.evaluation.records import PLOT_FILE, RESULTS_FILE, TABLE_FILE
+
+        taken = [str(args.output / n) for n in (RESULTS_FILE, TABLE_FILE, PLOT_FILE) if (args.output / n).exists()]
+        if taken:  # before minutes of evaluation, not after
+            from edgerazor.errors import OutputExistsError
+
+            raise OutputExistsError(f"{', '.join(taken)} already exist(s): choose another --output folder")
+    from edgerazor.evaluation.families import split_by_family
+    from edgerazor.evaluation.harness import preflight
+
+    text = split_by_family(tasks).get("text")
+    if text:  # names and the code opt-in, before any model loads
+        preflight(text, args.data_dir, args.allow_code_execution)
+    records = []
+    for i, model in enumerate(args.models):
+        request = EvalRequest(model=model, tasks=tasks, data_dir=args.data_dir, limit=args.limit,
+                              batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed,
+                              allow_code_execution=args.allow_code_execution,
+                              gen_kwargs=parse_gen_kwargs(args.gen_kwargs), max_length=args.max_length,
+                              device=args.device, keep_dtype=args.keep_dtype, dense=args.dense)
+        console.print(f"[bold]evaluating[/] {model} on {', '.join(tasks)}", soft_wrap=True, highlight=False)
+        records.append(evaluate(request, labels[i] if labels else None))
+    if args.json:
+        data = records[0] if len(records) == 1 else {"models": records}
+        print(json.dumps(data, indent=2, allow_nan=False))
+    else:
+        print(markdown_table(records))
+    if args.output is not None:
+        written = write_outputs(records, args.output)
+        console.print(f"wrote {', '.join(str(p) for p in written.values())}", soft_wrap=True, highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgerazor", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -293,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace a previous EdgeRazor run in the output folder (never anything else)")
     run.add_argument("--deepspeed", type=Path, default=None, metavar="CONFIG",
-                     help="DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json (sets train.deepspeed); "
+                     help="DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json, zero3.json or zero2-teacher-zero3.json "
+                          "(sets train.deepspeed); "
                           "launch with torchrun/deepspeed/accelerate launch")
     run.set_defaults(func=_cmd_run)
 
@@ -309,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace a previous EdgeRazor export of the same format at --out "
                              "(anything else there is refused; without it an existing --out is refused)")
+    export.add_argument("--mmproj", type=Path, default=None,
+                        help="exporter option 'mmproj' (gguf: where a multimodal student's vision encoder goes; "
+                             "default mmproj-<name>.gguf beside the text model)")
     export.add_argument("--report", action="store_true", help="print the size of every tensor")
     export.add_argument("--json", action="store_true", help="with --report: also print it as JSON")
     export.set_defaults(func=_cmd_export)
@@ -327,6 +422,40 @@ def build_parser() -> argparse.ArgumentParser:
                           help="compute in the model's stored dtype even where this CPU has no native half "
                                "precision (default: float32 there, ~100x faster)")
     generate.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="score models on benchmark tasks (lm-evaluation-harness): table, plot, JSON")
+    ev.add_argument("models", nargs="*", metavar="MODEL",
+                    help="run folder, student, packed export, or a plain 16-bit model (directory or hub id); "
+                         "several: one table, the 16-bit one as the reference")
+    ev.add_argument("--tasks", default=None,
+                    help="comma-separated lm-eval task names (default: the paper's Table 7 tasks); offline: "
+                         "gsm8k, humaneval, wikitext from --data-dir")
+    ev.add_argument("--data-dir", type=Path, default=None,
+                    help="folder of the offline tasks' files: gsm8k/test.jsonl (+ train.jsonl for few-shot), "
+                         "humaneval/HumanEval.jsonl[.gz], wikitext-2/test.txt")
+    ev.add_argument("--limit", type=_eval_limit, default=None,
+                    help="examples per task (a fraction below 1), as lm-eval's --limit")
+    ev.add_argument("--batch-size", type=_eval_batch_size, default=1, help="as lm-eval's: a number or auto")
+    ev.add_argument("--num-fewshot", type=int, default=None,
+                    help="examples in context for every task (default: each task's own: GSM8K 5, the rest 0)")
+    ev.add_argument("--seed", type=int, default=42, help="seed for Python, NumPy, torch and few-shot sampling")
+    ev.add_argument("--gen-kwargs", default=None, metavar="K=V,...",
+                    help="generation settings for every generating task, e.g. max_gen_toks=64")
+    ev.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
+    ev.add_argument("--allow-code-execution", action="store_true",
+                    help="let humaneval run the model's code (a child process, timeout, no network)")
+    ev.add_argument("--device", default=None, help="put the model on this torch device (default: where it loads)")
+    ev.add_argument("--keep-dtype", action="store_true",
+                    help="compute in the stored dtype even where this CPU has no native half precision")
+    ev.add_argument("--dense", action="store_true", help="packed exports: dequantize once at load (same scores)")
+    ev.add_argument("--labels", default=None, help="comma-separated row names, one per MODEL")
+    ev.add_argument("--output", type=Path, default=None,
+                    help="write results.json (every metric and setting), table.md and scores.png here")
+    ev.add_argument("--json", action="store_true", help="print lm-eval's results object (results -> task -> metric)")
+    ev.add_argument("--compare", nargs="+", type=Path, default=None, metavar="RESULTS",
+                    help="print the table and the deltas to the first of saved results (results.json files or "
+                         "--output folders); evaluates nothing")
+    ev.set_defaults(func=_cmd_eval)
 
     bits = sub.add_parser("bits", help="quantized fraction, effective bits and compression ratio of a model shape")
     shape = bits.add_mutually_exclusive_group(required=True)

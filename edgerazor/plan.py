@@ -97,6 +97,21 @@ def model_state_bytes(total_params: int, largest_layer_params: int, gpus: int, z
     raise EdgeRazorError(f"--zero {zero}: only ZeRO stages 2 and 3 are planned")
 
 
+def resident_model_state_bytes(total_params: int, gpus: int, zero: int, param_bytes: int = HALF) -> dict[str, int]:
+    """What a rank holds between steps, to check against a run's measured ``ranks.bytes`` in results.json:
+    the student's parameters (whole under ZeRO-2, a 1/N partition under ZeRO-3), the fp32 master
+    partition and Adam's m and v (fp32, 1/N each). Gradients are freed after the step and ZeRO-3's
+    gathered module (the ``L`` terms of ``model_state_bytes``) lives only inside a forward or backward.
+    ``param_bytes``: 2 for bf16 training (this module's assumption), 4 for a float32 run, where ZeRO-3
+    steps the float32 partition in place (no master copy) and ZeRO-2 still keeps one."""
+    p, n = total_params, gpus
+    if zero not in (2, 3):
+        raise EdgeRazorError(f"--zero {zero}: only ZeRO stages 2 and 3 are planned")
+    master = 0 if zero == 3 and param_bytes == FP32 else FP32 * p // n
+    return {"student_parameters": param_bytes * p if zero == 2 else param_bytes * p // n,
+            "optimizer_master": master, "optimizer_adam": 2 * FP32 * p // n}
+
+
 def layer_activation_elements(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> int:
     """Elements one decoder layer keeps per token for its backward, with fused (flash/SDPA) attention:
     ``4h + 5·a·d + 4·kv·d + 5·i``. Attention: the norm's input and (fake-quantized) output, q, k, v,

@@ -276,7 +276,8 @@ class TrainSection(Section):
     bf16: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
     deepspeed: str | None = Field(
-        None, description="DeepSpeed JSON config (configs/deepspeed/zero2.json): the student trains under ZeRO; "
+        None, description="DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json, zero2-teacher-zero3.json): the "
+        "student trains under its ZeRO stage, the teacher is whole or ZeRO-3-sharded as its 'teacher' section says; "
         "launch with torchrun, deepspeed or accelerate launch"
     )
 
@@ -293,6 +294,22 @@ class ExportSection(Section):
     """How ``edgerazor export`` writes the student when ``--format`` is not given."""
 
     format: str = Field("packed", description="exporter plugin name (see `edgerazor plugins`)")
+
+
+class EvalSection(Section):
+    """Benchmark tasks ``edgerazor run`` scores teacher and student on when training ends (``edgerazor
+    eval``'s options; results in ``<output>/eval/`` and ``results.json`` ``evaluation``). No tasks: none."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names, e.g. [wikitext, gsm8k]")
+    data_dir: str | None = Field(None, description="folder of the offline tasks' files (gsm8k/, humaneval/, wikitext-2/)")
+    limit: float | None = Field(None, gt=0, description="examples per task (a fraction of each below 1)")
+    batch_size: int = Field(1, gt=0)
+    num_fewshot: int | None = Field(None, ge=0, description="default: each task's own (GSM8K 5, the rest 0)")
+    seed: Seed = 42
+    gen_kwargs: str | None = Field(None, description="generation settings as for --gen-kwargs, e.g. 'max_gen_toks=64'")
+    max_length: int | None = Field(None, gt=1, description="context length (default: the model's)")
+    allow_code_execution: bool = Field(False, description="let humaneval run the model's code (sandboxed child process)")
+    teacher: bool = Field(True, description="score the teacher too (the table's 16-bit reference row)")
 
 
 class DemoTeacher(Section):
@@ -400,6 +417,7 @@ class Recipe(Section):
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     export: ExportSection = ExportSection()
+    eval: EvalSection = EvalSection()
     demo: DemoSection | None = Field(None, description="the offline demo's teacher (used when there is no teacher)")
     demo_video: DemoVideoSection | None = Field(
         None, description="the offline video demo (edgerazor.demo_video): clips and captioning teacher")

@@ -27,6 +27,7 @@ from rich.table import Table
 from edgerazor.adapters import ModelAdapter, resolve_adapter
 from edgerazor.errors import EdgeRazorError
 from edgerazor.precision import Capability, ComputePlan, announce, cast_parameters
+from edgerazor import ranks
 from edgerazor.export.files import staged
 from edgerazor.recipe import Recipe, dump_recipe, load_recipe
 from edgerazor.run_folder import prepare_output, write_run_file
@@ -74,11 +75,31 @@ def check_recipe_fits(recipe: Recipe, family: ModelAdapter, config) -> None:
     quantize(family.from_config(config, "meta"), recipe, adapter=family)
 
 
-def load_inputs(recipe: Recipe, teacher: str | None, adapter: str | None = None) -> RunInputs:
+def place_teacher(recipe: Recipe, family: ModelAdapter, location: str, config, compute: str | None = None,
+                  trust: bool = False, stored: str | None = None) -> torch.nn.Module:
+    """The teacher's weights, loaded where ``distill.placement`` puts them for this recipe: whole on every
+    rank in ``stored`` (default ``model.dtype``; ``run`` casts it to the compute dtype), or ZeRO-3-sharded
+    as it loads, directly in the ``compute`` dtype (a partitioned model cannot be cast afterwards)."""
+    from edgerazor.distill.placement import place_teacher as place
+    from edgerazor.distill.placement import teacher_placement
+
+    stored = stored or recipe.model.dtype
+    dtype = compute or stored
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    placement = teacher_placement(recipe.train.deepspeed, recipe.train.per_device_batch_size, text.hidden_size, dtype)
+    if not placement.sharded:
+        dtype = stored
+    elif ranks.is_main():
+        console.print(f"teacher sharded with ZeRO-3 ({placement.reason})", soft_wrap=True)
+    return place(lambda: family.load_teacher(location, dtype, trust), placement)
+
+
+def load_inputs(recipe: Recipe, teacher: str | None, adapter: str | None = None, dtype: str | None = None) -> RunInputs:
     """Teacher, tokenizer and data for a user recipe (hub ids or local directories), through its adapter.
 
     Everything that can fail without weights (config, adapter, recipe against the shapes, tokenizer,
-    data sources and fields) is checked before the teacher's weights load."""
+    data sources and fields) is checked before the teacher's weights load. ``dtype``: the teacher's
+    (default ``model.dtype``; a ZeRO-3 teacher is loaded in the dtype it computes in)."""
     location = teacher or recipe.model.teacher
     if not location:
         raise EdgeRazorError("no teacher: pass --teacher DIR_OR_HUB_ID or set model.teacher in the recipe")
@@ -91,8 +112,9 @@ def load_inputs(recipe: Recipe, teacher: str | None, adapter: str | None = None)
     train, evaluation = built
     if evaluation is None:
         raise EdgeRazorError("data.eval_fraction is 0: set it (e.g. 0.02) so the run can report held-out perplexity")
-    console.print(f"[bold]loading teacher[/] {location} (adapter {family.name})")
-    model = family.load_teacher(location, recipe.model.dtype, trust)
+    if ranks.is_main():
+        console.print(f"[bold]loading teacher[/] {location} (adapter {family.name})")
+    model = place_teacher(recipe, family, location, config, dtype, trust)  # dtype: a sharded teacher's
     return RunInputs(model, location, tokenizer, train, evaluation, family, getattr(built, "stats", None))
 
 
@@ -108,9 +130,11 @@ def demo_inputs(recipe: Recipe, adapter: str | None = None) -> RunInputs:
                                  settings.corpus.vocab_size)
     family = resolve_adapter(config.model_type, adapter or recipe.model.adapter)
     check_recipe_fits(recipe, family, config)  # before minutes of teacher training
+    if ranks.world_size() > 1:  # rank 0 builds the cache alone; the others read it once it is there
+        ranks.on_main(lambda: [prepare_demo(settings=settings)] and None)
     assets = prepare_demo(settings=settings)
     location = str(assets.teacher_dir)
-    teacher = family.load_teacher(location)
+    teacher = place_teacher(recipe, family, location, config, stored="float32")
     tokenizer = family.load_tokenizer(location)
     blocks = len(assets.train_dataset)
     stdlib = SourceStats("Python standard library (demo)", "text", records=len(assets.meta["train_files"]),
@@ -126,6 +150,8 @@ def video_demo_inputs(recipe: Recipe, adapter: str | None = None):
 
     from edgerazor.demo_video import caption_accuracy, demo_datasets, encode_rows, prepare_video_demo
 
+    if ranks.world_size() > 1:  # rank 0 builds the cache alone; the others read it once it is there
+        ranks.on_main(lambda: [prepare_video_demo(recipe.demo_video)] and None)
     assets = prepare_video_demo(recipe.demo_video)
     family = resolve_adapter(teacher_config(str(assets.teacher_dir)).model_type, adapter or recipe.model.adapter)
     teacher = family.load_teacher(str(assets.teacher_dir))
@@ -136,9 +162,22 @@ def video_demo_inputs(recipe: Recipe, adapter: str | None = None):
     return RunInputs(teacher, str(assets.teacher_dir), tokenizer, train, evaluation, family, stats), measure
 
 
+def whole_teacher(inputs: RunInputs, recipe: Recipe) -> torch.nn.Module:
+    """The teacher as one process can run it: a ZeRO-3-sharded teacher's forward is a collective of all
+    ranks, so work done on rank 0 alone (the end-of-run evaluation) loads it whole from its location."""
+    from edgerazor.distill.placement import is_sharded
+
+    if not is_sharded(inputs.teacher):
+        return inputs.teacher
+    return inputs.adapter.load_teacher(inputs.teacher_location, recipe.model.dtype, recipe.model.trust_remote_code)
+
+
 def _build_student(inputs: RunInputs, recipe: Recipe) -> torch.nn.Module:
-    if recipe.model.student:
-        return inputs.adapter.load_student(recipe.model.student, recipe.model.dtype, recipe.model.trust_remote_code)
+    from edgerazor.distill.placement import is_sharded
+
+    location = recipe.model.student or (inputs.teacher_location if is_sharded(inputs.teacher) else None)
+    if location:  # a sharded teacher cannot be copied: the student loads whole from the teacher's weights
+        return inputs.adapter.load_student(location, recipe.model.dtype, recipe.model.trust_remote_code)
     return copy.deepcopy(inputs.teacher)
 
 
@@ -161,12 +200,12 @@ def _not_a_student(path: Path) -> str | None:
     return None if isinstance(config, dict) and "edgerazor" in config else "its config.json has no edgerazor entry"
 
 
-def save_atomically(model, tokenizer, target: Path) -> None:
+def save_atomically(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
     """Save into a unique temporary sibling and rename it into place (the exports' staged write): a killed
     save never leaves a half model at ``target``, only an earlier student is ever replaced, and file modes
     follow the umask (safetensors alone writes 0600)."""
     with staged(target, directory=True, overwrite=True, foreign=_not_a_student, what="student") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: a ZeRO-3 student's, gathered
         tokenizer.save_pretrained(tmp)
 
 
@@ -225,35 +264,49 @@ def run(
     ``measure``: (name, model -> value), a task score taken of teacher, round-to-nearest and student beside
     perplexity (the video demo's caption accuracy); ``results[name]`` = {teacher, rtn, student}."""
     from edgerazor.distill import distill
+    from edgerazor.distill.memory import rank_memory
+    from edgerazor.distill.placement import is_sharded
     from edgerazor.eval.perplexity import perplexity
     from edgerazor.quant import count_bits, quantize
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_run_file(output_dir, inputs.teacher_location, inputs.adapter.name)  # a bare --resume finds them here
-    (output_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    if inputs.data_stats is not None:
-        print_data_summary(inputs.data_stats)
+    def begin() -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_file(output_dir, inputs.teacher_location, inputs.adapter.name)  # a bare --resume finds them here
+        (output_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        if inputs.data_stats is not None:
+            print_data_summary(inputs.data_stats)
+
+    ranks.on_main(begin)  # only rank 0 writes the run folder; every rank computes (the same) below
     start = time.perf_counter()
     compute = compute if compute is not None else compute_plan(recipe)
     announce(compute)
     cast_parameters(inputs.teacher, compute.compute)  # both run, evaluate and train in the compute dtype
     student = cast_parameters(_build_student(inputs, recipe), compute.compute)
     report = quantize(student, recipe, adapter=inputs.adapter)
-    console.print(f"[bold]quantized[/] {len(report.layers)} layers to {report.w_a_kv}")
+    bits = count_bits(student)  # now: training changes no shape, and a ZeRO-3 student's are partitions later
+    if ranks.is_main():
+        console.print(f"[bold]quantized[/] {len(report.layers)} layers to {report.w_a_kv}")
     collate = inputs.adapter.collator(inputs.tokenizer)  # the family's batches (video: clips too), everywhere
     scored = dict(collate=collate, model_inputs=inputs.adapter.model_inputs)
     teacher_ppl = perplexity(inputs.teacher, inputs.eval_dataset, recipe.train.per_device_batch_size, **scored)
     rtn_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size, **scored)
-    console.print(f"teacher ppl {teacher_ppl:.2f}, round-to-nearest {report.w_a_kv} ppl {rtn_ppl:.2f}")
+    if ranks.is_main():
+        console.print(f"teacher ppl {teacher_ppl:.2f}, round-to-nearest {report.w_a_kv} ppl {rtn_ppl:.2f}")
     measured = {"teacher": measure[1](inputs.teacher), "rtn": measure[1](student)} if measure else {}
     trainer = distill(
         inputs.teacher, student, inputs.train_dataset, recipe, output_dir / "checkpoints",
         collate, resume=resume, adapter=inputs.adapter, eval_dataset=inputs.eval_dataset,
         bf16=compute.autocast,
     )
+    memory = rank_memory(inputs.teacher, student, trainer.optimizer)  # measured on every rank, after training
     curve = training_curve(trainer.state.log_history)
     final = curve["eval_perplexity"][-1] if curve["eval_perplexity"] else None
     rounded = compute.compute != compute.stored
+    zero3 = is_sharded(student)  # trained under ZeRO-3: every rank holds a partition of each weight
+    if rounded and zero3:
+        raise EdgeRazorError(f"a ZeRO-3 student computed in {compute.compute} cannot be rounded to the stored "
+                             f"{compute.stored} in place: run with --keep-dtype or on a device where "
+                             f"{compute.stored} is native")
     if rounded:  # report the weights that are saved: rounded to the recipe's dtype, computed as here
         cast_parameters(student, compute.compute, through=compute.stored)
     if final is not None and final["step"] == trainer.state.global_step and not rounded:
@@ -262,8 +315,8 @@ def run(
         student_ppl = perplexity(student, inputs.eval_dataset, recipe.train.per_device_batch_size, **scored)
     if measure:
         measured["student"] = measure[1](student)
-    save_atomically(cast_parameters(student, compute.stored), inputs.tokenizer, output_dir / "student")
-    bits = count_bits(student)
+    # ZeRO-3: every rank takes part in gathering the whole weights, rank 0 receives them and saves
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if zero3 else None
     results = {
         "teacher_ppl": teacher_ppl,
         "rtn_ppl": rtn_ppl,
@@ -279,6 +332,9 @@ def run(
         "data": inputs.data_stats.to_dict() if inputs.data_stats is not None else None,
         **({measure[0]: measured} if measure else {}),
         "wall_seconds": time.perf_counter() - start,
+        "ranks": {"world_size": ranks.world_size(), "deepspeed": recipe.train.deepspeed,
+                  "teacher": "zero3" if is_sharded(inputs.teacher) else "replicated",
+                  "student_zero3": zero3, "bytes": memory},
         **compute.record(),
         "recipe": recipe.model_dump(mode="json"),
         "teacher": inputs.teacher_location,
@@ -286,9 +342,19 @@ def run(
         "student": str(output_dir / "student"),
         "training_plot": str(output_dir / "training.png"),
     }
-    plot_training(results, output_dir / "training.png")
-    write_json_atomically(output_dir / "results.json", results)
-    print_results(results)
+
+    def finish() -> None:
+        save_atomically(cast_parameters(student, compute.stored), inputs.tokenizer, output_dir / "student", state)
+        if recipe.eval.tasks:  # end-of-run evaluation (recipe eval: section), into <output>/eval/
+            from edgerazor.evaluation.run_end import evaluate_run
+
+            results["evaluation"] = evaluate_run(recipe.eval, whole_teacher(inputs, recipe), inputs.tokenizer,
+                                                 inputs.teacher_location, output_dir)
+        plot_training(results, output_dir / "training.png")
+        write_json_atomically(output_dir / "results.json", results)
+        print_results(results)
+
+    ranks.on_main(finish)  # the other ranks wait, and fail with rank 0's error if it fails
     return results
 
 
@@ -385,17 +451,22 @@ def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | No
                              "set model.teacher (or --teacher) to train on data.sources, or remove them")
     if not demo and recipe.data.sources and recipe.data.eval_fraction == 0:
         raise EdgeRazorError("data.eval_fraction is 0: set it (e.g. 0.02) so the run can report held-out perplexity")
+    if recipe.eval.tasks:  # end-of-run evaluation: task names and data checked before training, not after
+        from edgerazor.evaluation.run_end import check_section
+
+        check_section(recipe.eval)
     if recipe.train.deepspeed:
         from edgerazor.distill.trainer import deepspeed_config
 
         deepspeed_config(recipe.train.deepspeed)  # a bad config fails here, not after minutes of loading
     output_dir = output or Path("runs") / recipe.name
-    plan = prepare_output(output_dir, recipe.model_dump(mode="json"), resume, overwrite, accept_changes)
+    ranks.init_process_group()  # under a launcher: rank 0 alone prepares the folder, the others learn how it went
+    plan = ranks.on_main(prepare_output, output_dir, recipe.model_dump(mode="json"), resume, overwrite, accept_changes)
     if plan.stored is not None and not demo and not demo_video and not teacher and not recipe.model.teacher:
         teacher, adapter = plan.stored["teacher"], adapter or plan.stored.get("adapter")
-    if plan.checkpoint is not None:
+    if plan.checkpoint is not None and ranks.is_main():
         console.print(f"[bold]resuming[/] from {plan.checkpoint.name} ({plan.checkpoint})", soft_wrap=True)
-    if plan.replaced is not None:
+    if plan.replaced is not None and ranks.is_main():
         console.print(f"replacing the previous run in {output_dir} (kept aside until this run finishes)", soft_wrap=True)
     compute = compute_plan(recipe, capability)
     announce(compute)  # before minutes of loading
@@ -404,14 +475,19 @@ def run_command(recipe_path: Path | None, teacher: str | None, adapter: str | No
         if demo_video:
             inputs, measure = video_demo_inputs(recipe, adapter)
         else:
-            inputs = demo_inputs(recipe, adapter) if demo else load_inputs(recipe, teacher, adapter)
+            inputs = demo_inputs(recipe, adapter) if demo else load_inputs(recipe, teacher, adapter, compute.compute)
         results = run(recipe, inputs, output_dir, resume=plan.checkpoint or False, compute=compute, measure=measure)
         if demo_video:
-            from edgerazor.demo_video import print_accuracies
+            from edgerazor.demo_video import caption_closure_fields, print_accuracies
 
+            results.update(caption_closure_fields(results["caption_accuracy"]))  # the demo's headline number
+            write_json_atomically(output_dir / "results.json", results)
             print_accuracies(results)
     except BaseException:
-        plan.abort()
+        if ranks.is_main():
+            plan.abort()
         raise
-    plan.finish()
+    if ranks.is_main():
+        plan.finish()
+    ranks.shutdown()
     return results

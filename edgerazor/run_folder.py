@@ -31,7 +31,8 @@ SAFE_RESUME_CHANGES = frozenset({
     "name", "description", "train.max_steps", "train.num_epochs", "train.logging_steps", "train.save_steps",
     "train.save_total_limit", "train.eval_steps", "train.dataloader_num_workers", "export.format",
     "model.compute_dtype",  # the arithmetic, not what is stored: a resume on another machine may differ
-})
+}) | {f"eval.{key}" for key in ("tasks", "data_dir", "limit", "batch_size", "num_fewshot", "seed", "gen_kwargs",
+                                "max_length", "allow_code_execution", "teacher")}  # scored after training
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -16,8 +16,12 @@ Components beyond the text decoder, embedding and lm_head (``quant.components.<n
   {quantizer: int4}`` quantizes them; its two Conv1d stay 16-bit).
 
 KV8 reaches the text decoder's attention through transformers' attention interface after M-RoPE;
-the vision and audio attentions have no KV cache. No llama.cpp architecture is mapped (GGUF is
-refused); the packed format serves the quantized thinker.
+the vision and audio attentions have no KV cache.
+
+GGUF: the text decoder is llama.cpp's ``qwen2vl`` (Qwen2 with M-RoPE; ``mrope_section`` becomes the
+rotary sections); the vision encoder is an mmproj file with projector ``qwen2.5o`` (llama.cpp's
+multimodal library reads it as its Qwen2.5-VL vision tower). The audio encoder is written to neither
+file; the packed format carries the whole thinker.
 """
 
 from __future__ import annotations
@@ -36,6 +40,48 @@ def _thinker_config(config):
     if getattr(config, "model_type", None) == FULL:
         return config.thinker_config
     return config
+
+
+#: why the audio encoder is in neither GGUF file
+AUDIO_NOT_WRITTEN = ("not written: llama.cpp's qwen2.5o projector also runs the audio tower, but EdgeRazor writes and "
+                     "checks only the vision encoder in the mmproj; audio stays available in the packed format")
+#: what llama.cpp's Qwen2.5-VL vision graph fixes (tools/mtmd: clip.cpp and models/qwen2vl.cpp)
+LLAMA_CPP_VISION = {"patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 112,
+                    "hidden_act": "silu"}
+#: the vision blocks' and merger's RMSNorm epsilon (fixed in transformers' Qwen2.5-Omni vision encoder)
+VISION_RMS_EPS = 1e-6
+#: nominal image size key of the mmproj; Qwen's dynamic-resolution preprocessing does not resize to it
+LLAMA_CPP_IMAGE_SIZE = 560
+
+
+def _check_vision_for_llama_cpp(vision) -> None:
+    for key, want in LLAMA_CPP_VISION.items():
+        got = getattr(vision, key, None)
+        if got != want:
+            raise AdapterError(f"llama.cpp's Qwen2.5-Omni vision graph needs vision_config.{key} = {want!r}, this "
+                               f"model has {got!r}: no mmproj is written; export with --format packed")
+    full = list(getattr(vision, "fullatt_block_indexes", None) or [])
+    pattern = full[0] + 1 if full else 0
+    if not full or full != list(range(pattern - 1, int(vision.depth), pattern)):
+        raise AdapterError(f"llama.cpp's Qwen2.5-Omni vision graph runs full attention every n-th block, counted "
+                           f"from the n-th; vision_config.fullatt_block_indexes = {full} over {vision.depth} blocks "
+                           "is not such a pattern: no mmproj is written; export with --format packed")
+
+
+def _frame(index: int):
+    """One frame of the Conv3d kernel ``[out, in, t, h, w]``: the Conv2d kernel ``[out, in, h, w]``."""
+    return lambda weight: weight[:, :, index].numpy()
+
+
+class _TextNames:
+    """gguf-py's name map for the text decoder, read with the thinker's ``model.language_model.`` prefix
+    as the plain ``model.`` of a text-only checkpoint."""
+
+    def __init__(self, names) -> None:
+        self.names = names
+
+    def get_name(self, key: str, try_suffixes=()):
+        return self.names.get_name(key.replace("model.language_model.", "model.", 1), try_suffixes=try_suffixes)
 
 
 @dataclass(frozen=True)
@@ -73,14 +119,73 @@ class Qwen25OmniAdapter(ModelAdapter):
             )
         super().check_model(model)
 
-    def gguf_architecture(self, config) -> str:
-        """Refused, naming what is missing: no llama.cpp mapping of the thinker is written or proven here."""
-        raise AdapterError(
-            f"GGUF export of the Qwen2.5-Omni thinker (model_type {getattr(config, 'model_type', None)!r}) is not "
-            f"supported by adapter {self.name!r}: it needs the text decoder mapped to a llama.cpp architecture with "
-            "M-RoPE and the vision encoder (Conv3d patch embedding included) written as an mmproj file, neither of "
-            "which EdgeRazor writes; export with --format packed (decoder, vision encoder and Conv3d at their true bits)"
-        )
+    def gguf_tensor_names(self, config):
+        """gguf-py's ``qwen2vl`` names, reached from the thinker's ``model.language_model.*`` parameters."""
+        return _TextNames(super().gguf_tensor_names(_thinker_config(config)))
+
+    def gguf_outside_text(self, config) -> dict[str, str]:
+        """The encoders are not part of the text GGUF: vision goes to the mmproj file, audio is not written."""
+        return {"model.visual.": "they go to the mmproj file", "model.audio_tower.": AUDIO_NOT_WRITTEN}
+
+    def gguf_mmproj(self, model):
+        """The vision encoder as llama.cpp's ``qwen2.5o`` projector (read as ``qwen2.5vl_merger`` for vision).
+
+        llama.cpp's graph (tools/mtmd/models/qwen2vl.cpp) fixes parts of the architecture that the config
+        could change; a config outside them is refused, naming the setting. The Conv3d patch embedding is
+        split per frame into the two Conv2d kernels llama.cpp adds up (F32 from the dequantized codes, exact in
+        the file; ggml's conv_2d rounds kernel and pixels to F16 when it runs them)."""
+        from edgerazor.export.gguf import MmprojSpec, MmprojTensor
+        from edgerazor.export.gguf.report import gguf_module
+
+        gguf = gguf_module()
+        config = _thinker_config(model.config)
+        vision = config.vision_config
+        _check_vision_for_llama_cpp(vision)
+        pattern = vision.fullatt_block_indexes[0] + 1
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(int(vision.depth), 3))
+        tensors = []
+        for name, _ in model.named_parameters():
+            if not name.startswith("model.visual."):
+                continue
+            short = name.removeprefix("model.")
+            if short == "visual.patch_embed.proj.weight":
+                for frame in range(int(vision.temporal_patch_size)):
+                    suffix = "" if frame == 0 else f".{frame}"
+                    tensors.append(MmprojTensor(
+                        f"v.patch_embd.weight{suffix}", name, _frame(frame),
+                        "is a Conv3d kernel that llama.cpp runs as one Conv2d per frame, and ggml's conv_2d "
+                        "takes F16/F32 kernels only (computing in F16 through im2col either way)"))
+                continue
+            gguf_name = names.get_name(short, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None and short.startswith("visual.merger.mlp.2."):  # the merger's second linear
+                gguf_name = "mm.2." + short.rpartition(".")[2]
+            if gguf_name is None:
+                raise AdapterError(f"vision parameter {name!r} has no llama.cpp mmproj tensor name")
+            tensors.append(MmprojTensor(gguf_name, name))
+
+        def write_keys(writer) -> None:
+            from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+            writer.add_clip_has_vision_encoder(True)
+            writer.add_clip_has_audio_encoder(False)
+            writer.add_clip_projector_type(gguf.VisionProjectorType.QWEN25O)
+            writer.add_vision_projection_dim(int(vision.out_hidden_size))
+            writer.add_vision_embedding_length(int(vision.hidden_size))
+            writer.add_vision_feed_forward_length(int(vision.intermediate_size))
+            writer.add_vision_block_count(int(vision.depth))
+            writer.add_vision_head_count(int(vision.num_heads))
+            writer.add_vision_patch_size(int(vision.patch_size))
+            writer.add_vision_image_size(LLAMA_CPP_IMAGE_SIZE)
+            writer.add_vision_spatial_merge_size(int(vision.spatial_merge_size))
+            writer.add_vision_use_silu(True)
+            writer.add_vision_n_wa_pattern(pattern)
+            writer.add_vision_attention_layernorm_eps(VISION_RMS_EPS)
+            # the image processor's normalisation (Qwen2VLImageProcessor: OpenAI CLIP's mean and std)
+            writer.add_vision_image_mean(list(OPENAI_CLIP_MEAN))
+            writer.add_vision_image_std(list(OPENAI_CLIP_STD))
+
+        return MmprojSpec("qwen2.5o", write_keys, tuple(tensors), ("model.visual.",),
+                          notes=(f"the audio encoder (model.audio_tower.*) is {AUDIO_NOT_WRITTEN}",))
 
     def build_datasets(self, section, tokenizer):
         """Video sources (``format: video``) become lazily decoded clip rows with expanded placeholders; text
@@ -119,6 +224,8 @@ QWEN2_5_OMNI = Qwen25OmniAdapter(
     decoder_patterns=("model.language_model.layers.*",),
     layers_path="model.language_model.layers",
     default_group_size=32,
+    # llama.cpp runs the thinker's text decoder as qwen2vl: Qwen2 blocks (q/k/v biases) with M-RoPE
+    gguf_archs={THINKER: "qwen2vl", FULL: "qwen2vl"},
     description="Qwen2.5-Omni thinker (from a thinker or a full Omni checkpoint): decoder G=32, vision encoder 4-bit",
     extra={
         "default_rho": 1.0,  # the paper's Omni student is 4-bit throughout: `edgerazor bits` starts there

@@ -33,20 +33,21 @@ def _packed_size_report(path) -> dict:
 
 
 def gguf(model, out_dir, tokenizer=None, type: str = "auto", strict: bool = False, filename: str = "model.gguf",
-         overwrite: bool = False, **options) -> Path:
+         overwrite: bool = False, mmproj=None, **options) -> Path:
     """A GGUF file stock llama.cpp loads (TQ1_0 / TQ2_0 / Q4_0 from the codes); ``out_dir`` may name the .gguf file.
 
     Options: ``type`` (auto, tq1_0, tq2_0, q4_0: an explicit type a tensor cannot take is an error),
     ``strict`` (refuse tensors no GGML type holds exactly), ``filename`` (inside ``out_dir``),
-    ``overwrite`` (replace a GGUF file EdgeRazor wrote; anything else is refused).
+    ``overwrite`` (replace a GGUF file EdgeRazor wrote; anything else is refused), ``mmproj`` (where a
+    multimodal model's vision encoder goes; default ``mmproj-<name>.gguf`` beside the text model).
     """
     from edgerazor.export.gguf import export_gguf
 
     if options:
-        raise EdgeRazorError("the gguf exporter takes the options type, strict, filename, overwrite; got "
+        raise EdgeRazorError("the gguf exporter takes the options type, strict, filename, overwrite, mmproj; got "
                              f"{', '.join(sorted(options))}")
     return export_gguf(model, out_dir, tokenizer=tokenizer, filename=filename, type=type, strict=strict,
-                       overwrite=overwrite)
+                       overwrite=overwrite, mmproj=mmproj)
 
 
 def _gguf_size_report(path) -> dict:

@@ -108,7 +108,7 @@ def test_set_indexes_list_items(tmp_path, capsys, monkeypatch):
     path.write_text("model:\n  teacher: ./teacher\ndata:\n  eval_fraction: 0.1\n  sources:\n    - path: qa.jsonl\n"
                     "      format: prompt_response\n")
 
-    def report(recipe, teacher, adapter=None):  # stops the run where it would load the teacher
+    def report(recipe, teacher, adapter=None, dtype=None):  # stops the run where it would load the teacher
         raise EdgeRazorError(f"would load the teacher with prompt_field={recipe.data.sources[0].prompt_field}")
 
     monkeypatch.setattr(run_module, "load_inputs", report)

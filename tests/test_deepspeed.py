@@ -1,4 +1,6 @@
-"""``train.deepspeed`` / ``edgerazor run --deepspeed``: a ZeRO-2 student on 2 CPU ranks (gloo) trains like one process."""
+"""``train.deepspeed`` / ``edgerazor run --deepspeed``: a ZeRO-2 student on 2 CPU ranks (gloo) trains like one
+process; the shipped configs and the teacher's placement; a rank-0 failure stops every rank
+(tests/test_deepspeed_scale.py: ZeRO-3, the sharded teacher, launchers, kill and resume)."""
 
 from __future__ import annotations
 
@@ -117,3 +119,71 @@ def test_missing_or_invalid_deepspeed_config_is_a_one_line_error(teacher_dir, tm
     assert err.startswith("edgerazor: error:") and message in err and str(config) in err
     assert len(err.splitlines()) == 1
     assert not out.exists()  # checked before the output folder or the teacher is touched
+
+
+ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
+ZERO2_TEACHER3 = ROOT / "configs" / "deepspeed" / "zero2-teacher-zero3.json"
+
+
+def test_teacher_placement_follows_the_config():
+    """ZeRO-3 student: the teacher is sharded alike; ZeRO-2: replicated unless the config's own "teacher"
+    section asks for stage 3; the teacher's inference config has no optimizer and no "auto" left."""
+    from edgerazor.distill.placement import teacher_placement
+
+    assert teacher_placement(None, 2, 128).kind == "replicated"
+    assert teacher_placement(ZERO2, 2, 128).kind == "replicated"
+    for path in (ZERO3, ZERO2_TEACHER3):
+        placement = teacher_placement(path, 3, 128, "bfloat16")
+        assert placement.sharded
+        config = placement.config
+        assert config["zero_optimization"]["stage"] == 3 and config["train_micro_batch_size_per_gpu"] == 3
+        assert config["gradient_accumulation_steps"] == 1 and config["bf16"] == {"enabled": True}
+        assert "optimizer" not in config and "teacher" not in config and "gradient_clipping" not in config
+        assert "auto" not in json.dumps(config)
+        assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 1280  # 10 x hidden
+        assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 128 * 128)
+
+
+def test_the_student_engine_never_sees_the_teacher_section():
+    from edgerazor.distill.trainer import deepspeed_config
+
+    student = deepspeed_config(ZERO2_TEACHER3)
+    assert "teacher" not in student and student["zero_optimization"]["stage"] == 2
+    assert json.loads(ZERO3.read_text())["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("teacher, message", [
+    ("[1]", "\"teacher\" must be a JSON object"),
+    ('{"zero_optimization": {"stage": 2}}', "teacher.zero_optimization.stage is 2"),
+])
+def test_a_bad_teacher_section_is_a_one_line_error(teacher_dir, tmp_path, capsys, teacher, message):
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 2}, "teacher": ' + teacher + "}")
+    out = tmp_path / "out"
+    assert main(["run", "--recipe", str(_recipe(teacher_dir, tmp_path)), "--teacher", str(teacher_dir),
+                 "--output", str(out), "--deepspeed", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgerazor: error:") and message in err and str(config) in err
+    assert not out.exists()
+
+
+def test_a_rank_0_failure_stops_every_rank_with_its_message(teacher_dir, tmp_path):
+    """Only rank 0 prepares the output folder; when it refuses (here: an occupied folder), rank 1 is told
+    and stops with the same message instead of waiting in a barrier."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("needs torchrun")
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    from tests.helpers import console_script
+
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29661", console_script(), "run",
+                           "--recipe", str(_recipe(teacher_dir, tmp_path)), "--teacher", str(teacher_dir),
+                           "--output", str(out)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("edgerazor: error:")]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert any("already holds files" in line and "rank 0 failed" not in line for line in lines)
+    assert any("rank 0 failed" in line and "already holds files" in line for line in lines)
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]

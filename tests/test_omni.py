@@ -3,7 +3,7 @@
 Covers loading from a thinker and from a full Omni checkpoint (tensors compared), the vision encoder
 quantized with its Conv3d patch embedding (1176 weights per channel, zero-padded to a multiple of G),
 ``quant.components`` validation, KV8 with M-RoPE under gradient checkpointing, save/load, LAFD's
-residual stream, GGUF refusal, and the size accounting of the published 7B shape.
+residual stream, and the size accounting of the published 7B shape (GGUF and mmproj: tests/test_gguf_omni.py).
 """
 
 from __future__ import annotations
@@ -310,17 +310,6 @@ def test_save_load_roundtrip_with_vision_and_conv3d(tmp_path):
         assert torch.equal(loaded.model.visual(pv, grid_thw=grid).pooler_output, vis)
         plain = thinker()
         assert not torch.equal(plain.model.visual(pv, grid_thw=grid).pooler_output, vis)
-
-
-def test_gguf_is_refused_naming_what_is_missing(tmp_path):
-    from edgerazor.plugin_manager import run_exporter
-
-    assert resolve_adapter("qwen2_5_omni_thinker").gguf_archs == {}
-    model = thinker()
-    edgerazor.quantize(model, recipe())
-    with pytest.raises(AdapterError, match=r"Qwen2.5-Omni thinker.*M-RoPE.*mmproj.*--format packed"):
-        run_exporter("gguf", model, tmp_path / "omni.gguf")
-    assert not (tmp_path / "omni.gguf").exists()
 
 
 # ---- size accounting of the published shape ----

@@ -98,7 +98,7 @@ def test_unknown_key_lists_the_allowed_keys(tmp_path):
     message = str(err.value)
     assert "quant.weight.rhoo: unknown key" in message
     assert "allowed here: allocation, allocation_options, group_size, high, low, pad, rho" in message
-    with pytest.raises(RecipeError, match=r"qaunt: unknown key; allowed here: data, demo, demo_video, description, distill, export, model, name, quant, train"):
+    with pytest.raises(RecipeError, match=r"qaunt: unknown key; allowed here: data, demo, demo_video, description, distill, eval, export, model, name, quant, train"):
         load_recipe(None, ["qaunt.weight.rho=0.5"])
 
 
@@ -148,7 +148,7 @@ def test_every_shipped_recipe_validates():
 #: Integer fields for which 0 means something (a seed, no workers, no pretraining, no warmup).
 ZERO_IS_MEANINGFUL = {"data.seed", "train.seed", "train.dataloader_num_workers", "demo.seed", "demo.pretrain.steps",
                       "demo.pretrain.warmup_steps", "demo_video.seed", "demo_video.pretrain.steps",
-                      "demo_video.pretrain.warmup_steps"}
+                      "demo_video.pretrain.warmup_steps", "eval.seed", "eval.num_fewshot"}
 #: A source for the ``data.sources.0.*`` fields to live in.
 WITH_SOURCE = {"data": {"sources": [{"path": "a.jsonl"}]}}
 

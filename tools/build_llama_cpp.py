@@ -1,6 +1,6 @@
 """Build (or find in the cache) llama.cpp for the GGUF tests, and install its Python bindings.
 
-    python tools/build_llama_cpp.py                 # build llama-bench + llama-quantize + libllama, 2 jobs
+    python tools/build_llama_cpp.py                 # build llama-bench, llama-quantize, libllama and libmtmd, 2 jobs
     python tools/build_llama_cpp.py --jobs 8 --target llama-cli
     python tools/build_llama_cpp.py --check         # exit 0 if built (and bindings installed), 1 if not
 

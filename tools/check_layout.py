@@ -24,7 +24,7 @@ PACKAGES = {"edgerazor": "edgerazor", "plugins": "edgerazor.plugins", "model_ada
 #: Matching is by the longest prefix. ``edgerazor`` itself (the package facade) is exempt.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("edgerazor.errors", "edgerazor.file_modes", "edgerazor.hookspecs", "edgerazor.plugin_manager", "edgerazor.version",
-              "edgerazor.progress", "edgerazor.precision")),
+              "edgerazor.progress", "edgerazor.precision", "edgerazor.ranks")),
     ("recipe", ("edgerazor.recipe", "edgerazor.shapes")),
     ("data", ("edgerazor.data",)),
     ("adapters", ("edgerazor.adapters",)),
@@ -34,6 +34,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("edgerazor.export",)),
     ("runtime", ("edgerazor.runtime",)),
     ("llama_cpp", ("edgerazor.llama_cpp",)),
+    ("evaluation", ("edgerazor.evaluation",)),
     ("run", ("edgerazor.demo", "edgerazor.demo_video", "edgerazor.run_folder", "edgerazor.run")),
     ("plan", ("edgerazor.plan",)),
     ("cli", ("edgerazor.cli",)),

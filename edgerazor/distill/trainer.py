@@ -1,7 +1,8 @@
 """``DistillationTrainer``: a transformers Trainer whose loss is EdgeRazor's objective, and ``distill``,
 which builds one from a recipe (``training_arguments`` maps the train section) and runs it.
 
-The teacher is frozen, in eval mode, runs under ``no_grad`` and is never given labels. Every
+The teacher is frozen, in eval mode, runs under ``no_grad`` and is never given labels; where it
+lives (whole, or ZeRO-3-sharded with every rank running its forward) is ``placement``'s decision. Every
 logging step reports each loss term, the KL mixer's weight (lambda) and the layers LAFD chose.
 Checkpoints carry the recipe (``recipe.yaml``) and the allocation (mask buffers in the weights)
 and are committed by a marker file written last, so a run killed while saving leaves the
@@ -24,10 +25,12 @@ from transformers import Trainer, TrainingArguments
 from edgerazor.distill.console import use_log_lines
 from edgerazor.distill.features import record_residual_stream
 from edgerazor.distill.fused import fused_unsupported
+from edgerazor.distill.placement import gathered, is_sharded, read_deepspeed_config, student_config
 from edgerazor.adapters import ModelAdapter, adapter_for_model
 from edgerazor.errors import EdgeRazorError
 from edgerazor.file_modes import apply_umask
 from edgerazor.progress import library_bars_off
+from edgerazor.ranks import world_size
 from edgerazor.eval.perplexity import perplexity
 from edgerazor.distill.objective import ModelOutputs, check_vocabularies, distillation_loss
 from edgerazor.recipe import Recipe, dump_recipe
@@ -69,7 +72,8 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # so the Trainer counts num_items_in_batch for us
         check_vocabularies(self.model.config.get_text_config().vocab_size, teacher.config.get_text_config().vocab_size)
         self.teacher = teacher.eval().requires_grad_(False)
-        self.teacher.to(self.args.device)
+        if not is_sharded(teacher):  # a ZeRO-3 teacher stays where its engine put it (placement.place_teacher)
+            self.teacher.to(self.args.device)
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
         self._layer_counts: Counter[int] = Counter()
@@ -78,7 +82,10 @@ class DistillationTrainer(Trainer):
     def _use_fused(self, recipe: Recipe) -> bool:
         if not recipe.distill.fused_logits:
             return False
+        zero3 = self.args.hf_deepspeed_config.is_zero3() if self.args.deepspeed else False
         why = ("distill.extra_losses read logits" if recipe.distill.extra_losses
+               else "under ZeRO-3 the student's lm_head weight is a partition outside its forward, and the fused "
+                    "loss's weight gradient would bypass ZeRO-3's gradient partitioning" if zero3
                else fused_unsupported(self.model) or fused_unsupported(self.teacher))
         if why:
             logger.warning("distill.fused_logits: %s; using the unfused logit loss", why)
@@ -109,6 +116,8 @@ class DistillationTrainer(Trainer):
         if len(seen) != 1:
             raise EdgeRazorError(f"fused logit loss: the lm_head ran {len(seen)} times in one forward (expected "
                                  "once); set distill.fused_logits: false for this model")
+        if is_sharded(head):  # a ZeRO-3 teacher: the fused loss reads the head's weight after the forward
+            head = _whole_copy(head)
         return ModelOutputs(None, states, head_input=seen[0], head=head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -165,6 +174,7 @@ class DistillationTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's DeepSpeed shards are written before the commit marker
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save and checkpoint.is_dir():
             (checkpoint / "recipe.yaml").write_text(dump_recipe(self.recipe))
@@ -186,6 +196,19 @@ class DistillationTrainer(Trainer):
             match = _CHECKPOINT.match(child.name)
             if match and int(match.group(1)) < latest and not (child / COMPLETE_MARKER).is_file():
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def _whole_copy(head: nn.Module) -> nn.Linear:
+    """A frozen nn.Linear holding the gathered weights of a ZeRO-3 partitioned (teacher) lm_head."""
+    with gathered(list(head.parameters())):
+        weight = head.weight.detach().clone()
+        bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
+    whole = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    whole.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        whole.bias = nn.Parameter(bias, requires_grad=False)
+    return whole
+
 
 def training_arguments(recipe: Recipe, output_dir: str | Path, **overrides) -> TrainingArguments:
     """Map the recipe's train section onto ``TrainingArguments`` (AdamW, Table 1 schedules)."""
@@ -219,29 +242,19 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, **overrides) -> T
     )
     if t.deepspeed:
         kwargs["deepspeed"] = deepspeed_config(t.deepspeed)
-        if not torch.cuda.is_available():
-            # CPU ranks (DS_ACCELERATOR=cpu): without use_cpu the Trainer starts no process group under
-            # DeepSpeed and every rank would train alone as world size 1; gloo is the CPU backend
-            kwargs.update(use_cpu=True, ddp_backend="gloo")
+    if (t.deepspeed or world_size() > 1) and not torch.cuda.is_available():
+        # CPU ranks (DS_ACCELERATOR=cpu under DeepSpeed): without use_cpu the Trainer joins no process group
+        # and every rank would train alone as world size 1 (DeepSpeed or plain DDP); gloo is the CPU backend
+        kwargs.update(use_cpu=True, ddp_backend="gloo")
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
 
-def deepspeed_config(path: str | Path) -> str:
-    """The checked path of a DeepSpeed JSON config; its ``"auto"`` values are filled by the Trainer from
-    the recipe (micro-batch, accumulation, clipping, bf16). Missing, unreadable or not a JSON object: one line."""
-    import json
-
-    path = Path(path)
-    try:
-        config = json.loads(path.read_text())
-    except OSError as exc:
-        raise EdgeRazorError(f"DeepSpeed config {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise EdgeRazorError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise EdgeRazorError(f"DeepSpeed config {path} must be a JSON object, not {type(config).__name__}")
-    return str(path)
+def deepspeed_config(path: str | Path) -> dict:
+    """The student's DeepSpeed config read from ``path`` (its ``"teacher"`` section, if any, is the
+    teacher's: ``placement``); ``"auto"`` values are filled by the Trainer from the recipe (micro-batch,
+    accumulation, clipping, bf16). Missing, unreadable or not a JSON object: one line."""
+    return student_config(read_deepspeed_config(path))
 
 
 def distill(

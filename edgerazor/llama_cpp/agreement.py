@@ -14,6 +14,7 @@ in its cache type. ``compare`` measures llama.cpp against three references:
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -59,11 +60,32 @@ def set_own_rounding(model: torch.nn.Module, enabled: bool) -> None:
             module.enabled = enabled
 
 
+#: llama.cpp architectures whose loader (in the pinned llama.cpp) never reads
+#: ``attention.layer_norm_rms_epsilon``: their RMS norms run with epsilon 0 whatever the file says
+RMS_EPS_IGNORED = frozenset({"qwen2vl"})
+
+
+def emulate_llama_cpp_norms(runtime: torch.nn.Module, report) -> int:
+    """Give the text model's RMS norms the epsilon llama.cpp really uses for ``report.arch``; returns how many
+    norms changed (0 where llama.cpp reads the file's epsilon)."""
+    if report.arch not in RMS_EPS_IGNORED:
+        return 0
+    sources = {t.source.rpartition(".")[0] for t in report.tensors if t.source}
+    changed = 0
+    for name, module in runtime.named_modules():
+        if name in sources and hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.0
+            changed += 1
+    return changed
+
+
 def emulate_llama_cpp_rounding(runtime: torch.nn.Module, report) -> None:
-    """Round every matmul input as llama.cpp does for that tensor's GGUF type; K/V unrounded."""
+    """Round every matmul input as llama.cpp does for that tensor's GGUF type; K/V unrounded; RMS norms with
+    the epsilon llama.cpp uses for the architecture."""
     from edgerazor.runtime.packed import PackedLinear
 
     set_own_rounding(runtime, False)
+    emulate_llama_cpp_norms(runtime, report)
     types = {t.source.removesuffix(".weight"): t.ggml_type for t in report.tensors}
     embed = runtime.get_input_embeddings()
     embed_name = next(name for name, m in runtime.named_modules() if m is embed)
@@ -131,4 +153,131 @@ def compare(model, tokenizer, ids: Sequence[int], out: str | Path, kv_types=("f3
             result.diffs[kv, name] = diff = Diff.of(got, reference)
             if verbose:
                 print(f"  llama.cpp kv={kv:5s} vs {name:9s} {diff}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# vision encoders (mmproj) through llama.cpp's multimodal library
+
+
+def clip_pixels(image: np.ndarray, mean, std) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` -> float32 ``[3, H, W]`` exactly as libmtmd normalises: ``(x / 255 - mean) / std``,
+    each step rounded to float32 (clip.cpp's ``from_u8`` and ``normalize``)."""
+    x = image.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+@dataclasses.dataclass
+class VisionDiff:
+    max_abs: float
+    mean_abs: float
+    relative: float  # max |diff| / max |reference|
+    min_cosine: float  # the worst token's cosine similarity
+
+    @classmethod
+    def of(cls, got: np.ndarray, reference: np.ndarray) -> "VisionDiff":
+        d = np.abs(got.astype(np.float64) - reference)
+        g, r = got.astype(np.float64), reference.astype(np.float64)
+        cos = (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))
+        return cls(float(d.max()), float(d.mean()), float(d.max() / np.abs(r).max()), float(cos.min()))
+
+    def __str__(self) -> str:
+        return (f"max|diff| {self.max_abs:.5f}  mean|diff| {self.mean_abs:.6f}  relative {self.relative:.2e}  "
+                f"min cosine {self.min_cosine:.6f}")
+
+
+@dataclasses.dataclass
+class VisionAgreement:
+    text_report: object  # GGUFReport of the text model
+    mmproj_report: object  # GGUFReport of the mmproj file
+    grid: tuple[int, int, int]
+    diffs: dict  # reference name -> VisionDiff
+
+
+class LlamaGELU(torch.nn.Module):
+    """ggml's CPU ``gelu`` (``GGML_GELU_FP16``): the tanh approximation looked up in a table at the input
+    rounded to fp16, the result stored as fp16; 0 below -10 and the identity above 10."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table)).to(x.dtype)
+
+
+class LlamaIm2colConv(torch.nn.Module):
+    """A patch-embedding convolution as ggml's ``conv_2d`` computes it for an F32 or F16 kernel: ``im2col``
+    writes the pixels as F16 and the matmul then converts the kernel to F16 too (float accumulation)."""
+
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        w = c.weight.to(torch.float16).float()
+        return torch.nn.functional.conv3d(x.to(torch.float16).float(), w, c.bias, c.stride, c.padding,
+                                          c.dilation, c.groups).to(x.dtype)
+
+
+def emulate_llama_cpp_vision_rounding(runtime: torch.nn.Module, report) -> None:
+    """Round the vision linears' inputs as llama.cpp does for each mmproj tensor's type (F32 tensors: none),
+    compute the patch embedding in F16 as ggml's ``conv_2d`` does and the encoder's exact GELUs with ggml's
+    table GELU, as libmtmd's graph does."""
+    from edgerazor.runtime.packed import PackedConv3d, PackedLinear
+
+    set_own_rounding(runtime, False)
+    types = {t.source.removesuffix(".weight"): t.ggml_type for t in report.tensors}
+    prefix = os.path.commonprefix([t.source for t in report.tensors])
+    for name, module in list(runtime.named_modules()):
+        if isinstance(module, PackedLinear) and name in types:
+            rounding = LLAMA_ACTIVATION_ROUNDING.get(types[name])
+            module.input_quant = rounding() if rounding is not None else None
+        parent, _, child = name.rpartition(".")
+        if name.startswith(prefix) and isinstance(module, torch.nn.GELU) and module.approximate == "none":
+            setattr(runtime.get_submodule(parent), child, LlamaGELU())
+        elif name.startswith(prefix) and isinstance(module, (PackedConv3d, torch.nn.Conv3d)):
+            setattr(runtime.get_submodule(parent), child, LlamaIm2colConv(module))
+
+
+def compare_vision(model, tokenizer, image: np.ndarray, out: str | Path, mean, std,
+                   verbose: bool = True) -> VisionAgreement:
+    """Export ``model`` as GGUF + mmproj and packed under ``out``; llama.cpp's image embeddings vs the packed
+    runtime's vision tower on the same pixels (``image``: ``uint8 [H, W, 3]``, H and W multiples of
+    patch x merge, so libmtmd does not resize it; ``mean``/``std``: the normalisation the mmproj carries)."""
+    from edgerazor.data.video import VideoSpec, patchify
+    from edgerazor.export.gguf import default_mmproj_path, write_gguf, write_mmproj
+    from edgerazor.export.packed import export_packed
+    from edgerazor.llama_cpp.multimodal import mtmd_image_embeddings
+    from edgerazor.runtime.loading import load
+
+    out = Path(out)
+    text_report = write_gguf(model, tokenizer, out / "model.gguf", quiet=True)
+    mm_report = write_mmproj(model, default_mmproj_path(text_report.path), quiet=True)
+    export_packed(model, tokenizer, out / "packed")
+    runtime, _ = load(out / "packed")
+    visual = runtime.model.visual
+    spec = VideoSpec(patch_size=visual.config.patch_size, temporal_patch_size=visual.config.temporal_patch_size,
+                     merge_size=visual.config.spatial_merge_size)
+    frame = clip_pixels(image, mean, std)
+    # one image is a clip of temporal_patch_size identical frames (as the processor and libmtmd treat it)
+    pv, grid = patchify(frame.unsqueeze(0).expand(spec.temporal_patch_size, *frame.shape), spec)
+    grid_thw = torch.tensor([grid])
+    with torch.no_grad():
+        refs = {"packed": visual(pv, grid_thw=grid_thw).pooler_output.double().numpy()}
+        set_own_rounding(runtime, False)
+        refs["A16"] = visual(pv, grid_thw=grid_thw).pooler_output.double().numpy()
+        emulate_llama_cpp_vision_rounding(runtime, mm_report)
+        refs["emulated"] = visual(pv, grid_thw=grid_thw).pooler_output.double().numpy()
+    got = mtmd_image_embeddings(text_report.path, mm_report.path, image)
+    result = VisionAgreement(text_report, mm_report, grid, {})
+    if got.shape != refs["packed"].shape:
+        raise AssertionError(f"llama.cpp returned {got.shape} embeddings, the runtime {refs['packed'].shape}")
+    for name, reference in refs.items():
+        result.diffs[name] = diff = VisionDiff.of(got, reference)
+        if verbose:
+            print(f"  llama.cpp mtmd vs {name:9s} {diff}")
     return result

@@ -5,11 +5,13 @@ exact llama.cpp commit together with Python bindings made for that commit, so th
 bindings can never drift apart:
 
 * :func:`ensure_llama_cpp` downloads the pinned sdist (``pip download``), extracts it, configures
-  ``vendor/llama.cpp`` with CMake and builds only the requested tools plus the shared ``llama``
-  library, then caches the result under ``~/.cache/edgerazor/llama.cpp/<version>-<hash>``
-  (``$EDGERAZOR_LLAMA_CPP_DIR`` replaces ``~/.cache/edgerazor/llama.cpp``).  The build happens in a
-  temporary directory next to the cache entry and is renamed into place, under a file lock, so a
-  killed build never leaves a half-built entry and two processes never build the same entry twice.
+  ``vendor/llama.cpp`` with CMake and builds only the requested targets plus the shared ``llama``
+  library (by default ``llama-bench``, ``llama-quantize`` and ``mtmd``, the multimodal library that
+  runs mmproj files; a target is a tool or, like ``mtmd``, a shared library), then caches the
+  result under ``~/.cache/edgerazor/llama.cpp/<version>-<hash>`` (``$EDGERAZOR_LLAMA_CPP_DIR``
+  replaces ``~/.cache/edgerazor/llama.cpp``).  The build happens in a temporary directory next to
+  the cache entry and is renamed into place, under a file lock, so a killed build never leaves a
+  half-built entry and two processes never build the same entry twice.
 * :func:`find_llama_cpp` returns the cached build or ``None``; it never builds (tests use it to
   decide whether to skip).
 * :func:`install_llama_cpp_python` installs the ``llama_cpp`` Python package from the same sdist with
@@ -49,7 +51,10 @@ from edgerazor.errors import EdgeRazorError
 
 #: The llama-cpp-python release whose sdist provides llama.cpp and its bindings.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-DEFAULT_TARGETS: tuple[str, ...] = ("llama-bench", "llama-quantize")
+#: ``mtmd`` is llama.cpp's multimodal library (a shared library, no tool): it runs our mmproj files.
+DEFAULT_TARGETS: tuple[str, ...] = ("llama-bench", "llama-quantize", "mtmd")
+#: Targets that are shared libraries rather than tools.
+_LIBRARY_TARGETS = frozenset({"mtmd"})
 #: Bumped whenever the way we build changes, so old cache entries are not reused.
 _BUILD_RECIPE_VERSION = 1
 _MANIFEST = "manifest.json"
@@ -209,6 +214,11 @@ def _cache_key(version: str, native: bool) -> tuple[str, dict]:
     return f"{version}-{digest}", ident
 
 
+def _target_file(bin_dir: Path, target: str) -> Path:
+    """The file a target builds: a tool's executable or a library's shared object."""
+    return bin_dir / (_shared_lib_name(target) if target in _LIBRARY_TARGETS else _exe_name(target))
+
+
 def _load_entry(path: Path) -> LlamaCpp | None:
     try:
         manifest = json.loads((path / _MANIFEST).read_text())
@@ -217,7 +227,7 @@ def _load_entry(path: Path) -> LlamaCpp | None:
     bin_dir = path / "bin"
     if not all((bin_dir / _shared_lib_name(lib)).exists() for lib in _REQUIRED_LIBS):
         return None
-    targets = tuple(t for t in manifest.get("targets", []) if (bin_dir / _exe_name(t)).is_file())
+    targets = tuple(t for t in manifest.get("targets", []) if _target_file(bin_dir, t).is_file())
     return LlamaCpp(
         root=path,
         bin_dir=bin_dir,

@@ -26,17 +26,20 @@ narrowest exact type with a note of the size cost, or refused when ``strict=True
 any weight the recipe left unquantized are F32 (exact). Architectures: Qwen3 (``qwen3``, no
 rotary permutation) and Llama / MobileLLM (``llama``: q/k rows get the HF -> GGUF rotary
 permutation of llama.cpp's ``convert_hf_to_gguf.py``; a row permutation moves codes and scales
-together, so it stays exact).
+together, so it stays exact) and Qwen2.5-Omni's thinker (``qwen2vl`` with M-RoPE sections for the text
+decoder; its vision encoder as an mmproj file, ``mmproj.py``).
 """
 
 from edgerazor.export.gguf.architecture import PERMUTED_ARCHS, llama_permute
 from edgerazor.export.gguf.blocks import BLOCKS, CODE_RANGE, ENCODERS, bits_per_weight, encode
 from edgerazor.export.gguf.report import GGUFReport, GGUFTensor
 from edgerazor.export.gguf.vocabulary import LLAMA3_REGEX, QWEN2_REGEX, detect_pre_tokenizer, normalizer_note
-from edgerazor.export.gguf.writer import FLOAT_TYPES, REQUESTED_TYPES, export_gguf, write_gguf
+from edgerazor.export.gguf.exporter import export_gguf
+from edgerazor.export.gguf.mmproj import MmprojSpec, MmprojTensor, default_mmproj_path, write_mmproj
+from edgerazor.export.gguf.writer import FLOAT_TYPES, REQUESTED_TYPES, write_gguf
 
 __all__ = [
-    "BLOCKS", "CODE_RANGE", "ENCODERS", "FLOAT_TYPES", "GGUFReport", "GGUFTensor", "LLAMA3_REGEX",
-    "PERMUTED_ARCHS", "QWEN2_REGEX", "REQUESTED_TYPES", "bits_per_weight", "detect_pre_tokenizer", "encode", "export_gguf",
-    "llama_permute", "normalizer_note", "write_gguf",
+    "BLOCKS", "CODE_RANGE", "ENCODERS", "FLOAT_TYPES", "GGUFReport", "GGUFTensor", "LLAMA3_REGEX", "MmprojSpec",
+    "MmprojTensor", "PERMUTED_ARCHS", "QWEN2_REGEX", "REQUESTED_TYPES", "bits_per_weight", "default_mmproj_path",
+    "detect_pre_tokenizer", "encode", "export_gguf", "llama_permute", "normalizer_note", "write_gguf", "write_mmproj",
 ]

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgerazor.errors import EdgeRazorError
 from edgerazor.adapters import ModelAdapter, adapter_for_model
-from edgerazor.export.gguf.architecture import PERMUTED_ARCHS, llama_permute, write_hparams
+from edgerazor.export.gguf.architecture import LLAMA_CPP_ARCH_NOTES, PERMUTED_ARCHS, llama_permute, write_hparams
 from edgerazor.export.files import check_target, staged
 from edgerazor.export.gguf.blocks import BLOCKS, CODE_RANGE, bits_per_weight, encode
 from edgerazor.export.gguf.check import EXPORTER_KEY, ExpectedTensor, check_gguf, not_an_edgerazor_gguf
@@ -157,16 +157,20 @@ def _plan_tensors(model: nn.Module, adapter: ModelAdapter, arch: str, requested:
                   float_type: str = "f32") -> list[_Planned]:
     config = model.config
     tmap = adapter.gguf_tensor_names(config)
+    elsewhere = outside_text_gguf(adapter, config)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
-    n_head = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    text = config.get_text_config()
+    n_head = int(text.num_attention_heads)
+    n_kv = int(getattr(text, "num_key_value_heads", None) or n_head)
     planned: list[_Planned] = []
     seen: set[int] = set()
     for param_name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
             continue  # a tied lm_head: llama.cpp reuses token_embd when "output" is absent
         seen.add(id(param))
+        if any(param_name.startswith(prefix) for prefix in elsewhere):
+            continue  # an encoder: its own file (mmproj) or, with a reason, none
         gguf_name = tmap.get_name(param_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise EdgeRazorError(
@@ -196,6 +200,14 @@ def _plan_tensors(model: nn.Module, adapter: ModelAdapter, arch: str, requested:
     if not tied and head is not None and not any(p.name.startswith("output.") for p in planned):
         raise EdgeRazorError("untied lm_head was not exported (no 'output' tensor); refusing an incomplete GGUF")
     return planned
+
+
+def outside_text_gguf(adapter: ModelAdapter, config) -> dict[str, str]:
+    """Parameter-name prefixes that do not belong in the text GGUF -> where they go instead.
+
+    A multimodal family's adapter declares them with ``gguf_outside_text(config)`` (its encoders go to an
+    mmproj file, or nowhere with a reason); text-only adapters have none."""
+    return dict(adapter.gguf_outside_text(config))
 
 
 def _file_type(planned: list[_Planned]):
@@ -241,6 +253,10 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
     if float_type not in FLOAT_TYPES:
         raise EdgeRazorError(f"GGUF float type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
     planned = _plan_tensors(model, adapter, arch, type, strict, notes, float_type)
+    if arch in LLAMA_CPP_ARCH_NOTES:
+        notes.append(LLAMA_CPP_ARCH_NOTES[arch])
+    for prefix, where in outside_text_gguf(adapter, config).items():
+        notes.append(f"parameters {prefix}* are not in this file: {where}")
     meta = getattr(config, "edgerazor", None) or {}
     q = (meta.get("recipe") or {}).get("quant") or {}
     if (q.get("kv_cache") or {}).get("bits") == 8 or (q.get("activation") or {}).get("bits") == 8:
@@ -257,7 +273,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
             write_hparams(writer, config, arch)
             writer.add_file_type(_file_type(planned))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            write_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
+            write_tokenizer(writer, tokenizer, int(config.get_text_config().vocab_size), pre)
             for p in planned:
                 raw_dtype = None if p.ggml_type in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, p.ggml_type)
                 writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
@@ -292,15 +308,3 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
 
 def _sha256(data: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
-
-
-def export_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, filename: str = "model.gguf",
-                type: str = "auto", strict: bool = False, overwrite: bool = False) -> Path:
-    """Exporter-registry form (``fn(model, out_dir, **options) -> Path``) of :func:`write_gguf`.
-
-    ``out_dir`` is a directory (the file is ``out_dir / filename``) or, ending in ``.gguf``, the file
-    itself, as ``edgerazor export --out model.gguf`` names it.
-    """
-    path = Path(out_dir)
-    return write_gguf(model, tokenizer, path if path.suffix == ".gguf" else path / filename, type=type,
-                      strict=strict, overwrite=overwrite).path
