@@ -3,6 +3,7 @@
     python tools/bench_quality.py                      # full run (teacher cached after the first run)
     python tools/bench_quality.py --quick              # tiny smoke configuration (~2 minutes)
     python tools/bench_quality.py --cells "1.88:SG+A+E,1.88:QAT-CE" --steps 300 --lr 1e-3
+    python tools/bench_quality.py --cells "1.88:SG+A+E,1.88:PT+A+E,1.88:QAT-CE" --eval-every 10
 
 Why the teacher must be converged: with an under-trained teacher, CE-only QAT keeps learning from
 the data and overtakes the teacher, while distillation is capped by it; the comparison then
@@ -38,17 +39,34 @@ Grid (paper Table 4, W-A-KV with 8-bit activations and KV cache):
   2.79 bits: SG+A+E, ST+A+E;  2.19 and 1.88 bits: SG+A+E, SG+A+C, SG+F+E, SG+F+F
   (SG/ST = super-group / stacked allocation, A/F = adaptive (LAFD) / fixed layers [1, 2, -1],
   E/C/F = EAKLD / CAKLD / forward KL), with alphas 0.1 / 0.1 / 2.0 (task / feature / logit).
+  Beyond the paper, PT+A+E at 2.19 and 1.88 bits: the ``per_tensor`` allocation (whole tensors
+  4-bit or ternary) beside SG+A+E, same selector, mixer and token budget.
 Baselines at every bit-width: RTN (round-to-nearest PTQ of the teacher, super-group allocation;
 at 2.79 also stacked) and QAT-CE (the same quantized student trained through the same
 ``DistillationTrainer`` with alpha_task=1, alpha_feature=0, alpha_logit=0). Every trained cell
 uses the same steps, batch size, sequence length, learning rate, schedule and data order: the
 same token budget.
 
+Which allocation to deploy: stock llama.cpp has no GGML type for a tensor that mixes 4-bit and
+ternary rows, so a super-group layer is written losslessly as Q4_0 (4.5 bits/weight), while a
+``per_tensor`` tensor is TQ2_0 or Q4_0 at its own size. Every row therefore shows the decoder's
+realised bits, the GGUF file's size (type auto; measured on the round-to-nearest student of that
+allocation and bit-width: types and shapes, hence bytes, do not depend on training) and whether
+it deploys at its true size in stock llama.cpp, or how many mixed tensors fall back and the cost.
+(per_tensor realises exactly rho of each tensor kind only when layers x rho is an integer: with 4
+layers, 2.19 bits is exact and 1.88 realises 1.85 bits.)
+
+Tokens (``--eval-every N``): each cell's held-out perplexity every N steps; a second table gives
+the first step (so the token budget, to within N steps) at which each distilled cell reaches
+QAT-CE's final perplexity of its bit-width, and QAT-CE's budget over it: the paper's "4-10x fewer
+tokens" claim in miniature. Step 0 is the cell's round-to-nearest start.
+
 Gap closure = (log ppl_RTN - log ppl_student) / (log ppl_RTN - log ppl_teacher), with the
 super-group RTN of the same bit-width as the reference for every cell (ST included), so the
 closures of one bit-width rank exactly as their perplexities do.
 
-Outputs in ``--out`` (default ``runs/bench_quality``): ``results.json``, ``results.png`` and
+Outputs in ``--out`` (default ``runs/bench_quality``): ``results.json``, ``results.png`` (bars with
+each cell's GGUF MiB, and with ``--eval-every`` the perplexity curves against tokens) and
 ``cells/*.json`` (one per finished cell; a rerun with identical settings reuses them, so an
 interrupted run continues where it stopped; ``--fresh`` ignores them).
 Target: at 1.88 bits SG+A+E closes >= 80% of the gap and beats QAT-CE.
@@ -138,9 +156,12 @@ TABLE4 = [
     (1.88, "SG+A+E"), (1.88, "SG+A+C"), (1.88, "SG+F+E"), (1.88, "SG+F+F"),
 ]
 BITS = (2.79, 2.19, 1.88)
-#: --quick runs one cell of every kind (ST, fixed layers, each KL mixer, QAT-CE) to stay near 2 minutes.
-QUICK_CELLS = "2.79:ST+A+E,1.88:SG+A+E,1.88:SG+F+F,1.88:SG+A+C,1.88:QAT-CE"
-ALLOCATIONS = {"SG": "super_group", "ST": "stacked"}
+#: Beyond Table 4: the ``per_tensor`` allocation (whole tensors 4-bit or ternary, which stock llama.cpp
+#: holds at their own size) beside super-group, with the same selector, mixer and token budget.
+PER_TENSOR_CELLS = [(2.19, "PT+A+E"), (1.88, "PT+A+E")]
+#: --quick runs one cell of every kind (ST, PT, fixed layers, each KL mixer, QAT-CE) to stay near 2 minutes.
+QUICK_CELLS = "2.79:ST+A+E,1.88:SG+A+E,1.88:PT+A+E,1.88:SG+F+F,1.88:SG+A+C,1.88:QAT-CE"
+ALLOCATIONS = {"SG": "super_group", "ST": "stacked", "PT": "per_tensor"}
 SELECTORS = {"A": ("adaptive", {"k": 3}), "F": ("fixed", {"layers": [1, 2, -1]})}
 MIXERS = {"E": "eakld", "C": "cakld", "F": "forward"}
 
@@ -438,15 +459,19 @@ def quant_section(bits: float, allocation: str, head_dim: int) -> dict[str, Any]
             "kv_cache": {"group_size": head_dim}}
 
 
+def cell_allocation(label: str) -> str:
+    """The weight allocation a grid cell trains (QAT-CE uses super-group, as the paper's baseline)."""
+    return "super_group" if label == "QAT-CE" else ALLOCATIONS[label.split("+")[0]]
+
+
 def cell_recipe(bits: float, label: str, train: TrainSettings, head_dim: int):
     from edgerazor.recipe import recipe_from_dict
 
+    alloc = cell_allocation(label)
     if label == "QAT-CE":
-        alloc = "super_group"
         distill = {"alpha_task": 1.0, "alpha_feature": 0.0, "alpha_logit": 0.0}
     else:
-        a, s, m = label.split("+")
-        alloc = ALLOCATIONS[a]
+        _, s, m = label.split("+")
         selector, options = SELECTORS[s]
         distill = {"alpha_task": train.alpha_task, "alpha_feature": train.alpha_feature,
                    "alpha_logit": train.alpha_logit, "selector": selector, "selector_options": options,
@@ -466,15 +491,44 @@ def load_student(teacher_dir: Path):
     return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
 
 
-def run_rtn(assets: TeacherAssets, bits: float, allocation: str, eval_ds, head_dim: int) -> dict[str, Any]:
+def gguf_footprint(model, tokenizer, path: Path, float_type: str = "f32") -> dict[str, Any]:
+    """The size of ``model``'s GGUF export (type auto) and whether stock llama.cpp holds it at its true size.
+
+    A tensor no single GGML type stores at its own precision (a super-group layer mixing 4-bit and
+    ternary rows) is written losslessly in a wider type (Q4_0); ``true_size`` is True when no tensor
+    needed that. ``own_bytes`` is the file without those fallbacks' extra bytes. The file is removed
+    afterwards: only its numbers are kept."""
+    from edgerazor.export.gguf import write_gguf
+
+    report = write_gguf(model, tokenizer, path, quiet=True, overwrite=True, float_type=float_type)
+    path.unlink()
+    fallbacks = report.fallback_summary()
+    extra = sum(r["extra_bytes"] for r in fallbacks)
+    types: dict[str, int] = {}
+    for t in report.tensors:
+        types[t.ggml_type] = types.get(t.ggml_type, 0) + 1
+    return {"gguf_bytes": report.file_bytes, "true_size": not fallbacks,
+            "fallback_tensors": sum(r["tensors"] for r in fallbacks), "fallback_extra_bytes": extra,
+            "own_bytes": report.file_bytes - extra, "gguf_types": types}
+
+
+def run_rtn(assets: TeacherAssets, bits: float, allocation: str, eval_ds, head_dim: int, tokenizer=None,
+            gguf_dir: Path | None = None) -> dict[str, Any]:
+    """Round-to-nearest perplexity, the decoder's effective bits and (with ``gguf_dir``) the GGUF
+    footprint of this allocation: types and shapes, hence sizes, depend on the allocation and
+    bit-width alone, so a trained student of the same cell exports to the same number of bytes."""
     import edgerazor
+    from edgerazor.quant.bits import count_bits
     from edgerazor.recipe import recipe_from_dict
 
     t = time.perf_counter()
     student = load_student(assets.teacher_dir)
     edgerazor.quantize(student, recipe_from_dict({"quant": quant_section(bits, allocation, head_dim)}))
     ppl = _ppl(student, eval_ds)
-    return {"ppl": ppl, "seconds": time.perf_counter() - t}
+    result = {"ppl": ppl, "seconds": time.perf_counter() - t, "effective_bits": count_bits(student).effective_bits}
+    if gguf_dir is not None:
+        result.update(gguf_footprint(student, tokenizer, gguf_dir / f"rtn-{bits:g}-{allocation}.gguf"))
+    return result
 
 
 def run_cell(assets: TeacherAssets, teacher, bits: float, label: str, train: TrainSettings, train_ds, eval_ds,
@@ -521,14 +575,52 @@ def run_cell(assets: TeacherAssets, teacher, bits: float, label: str, train: Tra
 # report
 
 
-def render_table(rows: list[dict[str, Any]], teacher_ppl: float, title: str):
+def first_reach(points: list[tuple[int, float]], target: float) -> int | None:
+    """The first step (points in step order) whose held-out perplexity is at or below ``target``."""
+    return next((step for step, ppl in points if ppl <= target), None)
+
+
+def tokens_to_match(cell: dict[str, Any], start_ppl: float, reference: dict[str, Any],
+                    tokens_per_step: int) -> dict[str, Any]:
+    """When ``cell`` first reaches ``reference``'s final perplexity (the paper's "fewer tokens" claim).
+
+    The cell's points are step 0 (its round-to-nearest start, ``start_ppl``), its ``--eval-every``
+    curve and its final perplexity, so the step found is exact to within one evaluation interval
+    (an upper bound: it was reached at or before it). ``fewer_tokens`` is the reference's token
+    budget over the cell's tokens at that step (None if never reached, or already at step 0)."""
+    points = [(0, start_ppl)] + [(c["step"], c["ppl"]) for c in cell.get("curve", [])] + [(cell["steps"], cell["ppl"])]
+    step = first_reach(points, reference["ppl"])
+    ref_tokens = reference["steps"] * tokens_per_step
+    tokens = None if step is None else step * tokens_per_step
+    return {"target_ppl": reference["ppl"], "reference_tokens": ref_tokens, "step": step, "tokens": tokens,
+            "fewer_tokens": ref_tokens / tokens if tokens else None, "reached": step is not None,
+            "evaluated_steps": [p[0] for p in points]}
+
+
+def _mib(footprint: dict[str, Any]) -> str:
+    return f"{footprint['gguf_bytes'] / 2**20:.2f}"
+
+
+def true_size_text(footprint: dict[str, Any]) -> str:
+    """The table's deployment column: yes, or how many tensors fall back to a wider type and what it costs."""
+    if "true_size" not in footprint:
+        return "-"
+    if footprint["true_size"]:
+        return "yes"
+    return (f"no: {footprint['fallback_tensors']} mixed tensors -> Q4_0 "
+            f"({footprint['gguf_bytes'] / footprint['own_bytes']:.2f}x own size)")
+
+
+def render_table(rows: list[dict[str, Any]], teacher_ppl: float, title: str, teacher_gguf: dict[str, Any] | None = None):
     from rich.table import Table
 
     table = Table(title=title)
-    for col, justify in (("method", "left"), ("bits (W-A-KV)", "left"), ("held-out ppl", "right"),
-                         ("gap closure", "right"), ("time (s)", "right")):
+    for col, justify in (("method", "left"), ("bits (W-A-KV)", "left"), ("decoder bits", "right"),
+                         ("held-out ppl", "right"), ("gap closure", "right"), ("GGUF MiB", "right"),
+                         ("true size in stock llama.cpp", "left"), ("time (s)", "right")):
         table.add_column(col, justify=justify)
-    table.add_row("teacher (fp32)", "16-16-16", f"{teacher_ppl:.2f}", "100% (def.)", "-")
+    table.add_row("teacher (fp32)", "16-16-16", "16", f"{teacher_ppl:.2f}", "100% (def.)",
+                  _mib(teacher_gguf) if teacher_gguf else "-", "yes (F16)" if teacher_gguf else "-", "-")
     last_bits = None
     for r in rows:
         if last_bits is not None and r["bits"] != last_bits:
@@ -536,18 +628,42 @@ def render_table(rows: list[dict[str, Any]], teacher_ppl: float, title: str):
         last_bits = r["bits"]
         close = r.get("closure")
         cl = "-" if close is None or math.isnan(close) else f"{close:.1%}"
-        table.add_row(r["method"], f"{r['bits']:g}-8-8", f"{r['ppl']:.2f}", cl, f"{r['seconds']:.0f}")
+        eff = r.get("effective_bits")
+        table.add_row(r["method"], f"{r['bits']:g}-8-8", "-" if eff is None else f"{eff:.2f}", f"{r['ppl']:.2f}", cl,
+                      _mib(r) if "gguf_bytes" in r else "-", true_size_text(r), f"{r['seconds']:.0f}")
     return table
 
 
-def plot(rows: list[dict[str, Any]], teacher_ppl: float, path: Path, title: str) -> None:
+def render_reach(reach: list[dict[str, Any]], eval_every: int):
+    from rich.table import Table
+
+    table = Table(title=f"Tokens to reach QAT-CE's final held-out perplexity (evaluated every {eval_every} steps)")
+    for col in ("bits", "method", "QAT-CE final ppl", "QAT-CE tokens", "reached at step", "tokens", "fewer tokens"):
+        table.add_column(col, justify="left" if col in ("bits", "method") else "right")
+    for r in reach:
+        fewer = "-" if r["fewer_tokens"] is None else f"{r['fewer_tokens']:.1f}x"
+        table.add_row(f"{r['bits']:g}", r["method"], f"{r['target_ppl']:.2f}", f"{r['reference_tokens'] / 1e3:.0f}k",
+                      "not reached" if r["step"] is None else str(r["step"]),
+                      "-" if r["tokens"] is None else f"{r['tokens'] / 1e3:.0f}k", fewer)
+    return table
+
+
+def plot(rows: list[dict[str, Any]], teacher_ppl: float, path: Path, title: str,
+         reach: list[dict[str, Any]] = (), tokens_per_step: int = 0) -> None:
+    """Perplexity bars per bit-width; with ``--eval-every`` curves, a second panel of held-out
+    perplexity against training tokens, QAT-CE's final perplexity dashed and each first match marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bits_list = [b for b in BITS if any(r["bits"] == b for r in rows)]
-    fig, ax = plt.subplots(figsize=(12, 5.5))
+    curves = [r for r in rows if r.get("curve")]
+    if curves and tokens_per_step:
+        fig, (ax, cx) = plt.subplots(1, 2, figsize=(18, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(12, 5.5))
+        cx = None
     x, colours = 0.0, {}
     palette = plt.get_cmap("tab10")
     ticks, labels = [], []
@@ -558,7 +674,8 @@ def plot(rows: list[dict[str, Any]], teacher_ppl: float, path: Path, title: str)
         for r in group:
             colour = colours.setdefault(r["method"], palette(len(colours) % 10))
             ax.bar(x, r["ppl"], width=0.8, color=colour, label=r["method"] if r["method"] not in ax.get_legend_handles_labels()[1] else None)
-            ax.text(x, r["ppl"], f"{r['ppl']:.1f}", ha="center", va="bottom", fontsize=7)
+            size = f"\n{r['gguf_bytes'] / 2**20:.2f} MiB{'' if r.get('true_size') else '*'}" if "gguf_bytes" in r else ""
+            ax.text(x, r["ppl"], f"{r['ppl']:.1f}{size}", ha="center", va="bottom", fontsize=7)
             x += 1
         if rtn is not None:
             ax.hlines(rtn["ppl"], start - 0.5, x - 0.5, colors="red", linestyles="--",
@@ -576,8 +693,26 @@ def plot(rows: list[dict[str, Any]], teacher_ppl: float, path: Path, title: str)
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_title(title)
+    ax.set_title(title + ("\n(MiB: GGUF file; *: not at true size in stock llama.cpp)" if any("gguf_bytes" in r for r in rows) else ""),
+                 fontsize=10)
     ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    if cx is not None:
+        styles = ("-", "--", ":")
+        for r in curves:
+            xs = [0.0] + [c["step"] * tokens_per_step / 1e3 for c in r["curve"]] + [r["steps"] * tokens_per_step / 1e3]
+            ys = [r.get("start_ppl", math.nan)] + [c["ppl"] for c in r["curve"]] + [r["ppl"]]
+            cx.plot(xs, ys, styles[bits_list.index(r["bits"]) % 3], color=colours.get(r["method"], "grey"),
+                    marker=".", label=f"{r['method']} {r['bits']:g}")
+        for m in reach:
+            cx.axhline(m["target_ppl"], color="grey", linewidth=0.6, linestyle=styles[bits_list.index(m["bits"]) % 3])
+            if m["tokens"]:
+                cx.plot([m["tokens"] / 1e3], [m["target_ppl"]], "kx")
+                cx.annotate(f"{m['fewer_tokens']:.1f}x", (m["tokens"] / 1e3, m["target_ppl"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 4))
+        cx.set_xlabel("training tokens (thousands)")
+        cx.set_ylabel("held-out perplexity")
+        cx.set_title("held-out ppl while training; grey: QAT-CE final, x: first reached")
+        cx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -589,6 +724,8 @@ def plot(rows: list[dict[str, Any]], teacher_ppl: float, path: Path, title: str)
 
 def parse_cells(spec: str | None, qat_bits: list[float]) -> list[tuple[float, str]]:
     grid = list(TABLE4)
+    for b, label in PER_TENSOR_CELLS:  # right after the super-group cell it mirrors
+        grid.insert(grid.index((b, "SG+A+E")) + 1, (b, label))
     for b in qat_bits:
         # QAT-CE goes right after its bit-width's distilled cells
         index = max(i for i, (bb, _) in enumerate(grid) if bb == b) + 1
@@ -642,7 +779,13 @@ def main(argv: list[str] | None = None) -> int:
             key, sep, raw = pair.partition("=")
             if not sep or key not in fields:
                 raise SystemExit(f"--teacher-set {pair!r}: expected one of {', '.join(sorted(fields))}")
-            (shape if key in shape_fields else values)[key] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
+            if key not in shape_fields and isinstance(getattr(tsettings, key), float) and isinstance(value, (int, str)):
+                try:  # YAML 1.1 reads "3e-3" as a string
+                    value = float(value)
+                except ValueError:
+                    raise SystemExit(f"--teacher-set {pair!r}: {key} takes a number") from None
+            (shape if key in shape_fields else values)[key] = value
         tsettings = dataclasses.replace(tsettings, shape=DemoTeacher.model_validate(shape), **values)
     train = TrainSettings(steps=6, batch_size=4, lr=2e-3) if quick else TrainSettings()
     if args.steps is not None:
@@ -683,18 +826,23 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     bits_needed = sorted({b for b, _ in cells}, reverse=True)
     rtn: dict[tuple[float, str], dict[str, Any]] = {}
+    gguf_dir = out / "gguf-sizes"
+    gguf_dir.mkdir(exist_ok=True)
+    teacher_gguf = gguf_footprint(teacher, tokenizer, gguf_dir / "teacher-f16.gguf", float_type="f16")
     for b in bits_needed:
-        allocs = ["super_group"] + (["stacked"] if (b, "ST+A+E") in cells else [])
+        allocs = ["super_group"] + sorted({cell_allocation(label) for bb, label in cells if bb == b} - {"super_group"})
         for alloc in allocs:
-            rtn[(b, alloc)] = run_rtn(assets, b, alloc, eval_ds, head_dim)
-            _log(f"RTN {b:g}-8-8 {alloc}: ppl {rtn[(b, alloc)]['ppl']:.2f}")
+            rtn[(b, alloc)] = r = run_rtn(assets, b, alloc, eval_ds, head_dim, tokenizer, gguf_dir)
+            _log(f"RTN {b:g}-8-8 {alloc}: ppl {r['ppl']:.2f}, decoder {r['effective_bits']:.3f} bits, GGUF "
+                 f"{r['gguf_bytes'] / 2**20:.2f} MiB ({true_size_text(r)})")
+    gguf_dir.rmdir()
 
     from tqdm.auto import tqdm
 
     results: dict[tuple[float, str], dict[str, Any]] = {}
     for b, label in tqdm(cells, desc="grid", unit="cell"):
         spec = {"teacher": assets.meta["key"], "bits": b, "method": label, "train": dataclasses.asdict(train),
-                "converged": assets.meta["converged"], "teacher_steps": assets.meta["steps"]}
+                "converged": assets.meta["converged"], "teacher_steps": assets.meta["steps"], "eval_every": args.eval_every}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         path = out / "cells" / f"{b:g}_{label.replace('+', '')}.json"
         if path.is_file() and not args.fresh:
@@ -712,18 +860,35 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"cell {b:g} {label}: ppl {res['ppl']:.2f}, closure "
              f"{gap_closure(teacher_ppl, rtn[(b, 'super_group')]['ppl'], res['ppl']):.1%}, {res['train_seconds']:.0f} s")
 
+    def allocation_fields(b: float, alloc: str) -> dict[str, Any]:
+        r = rtn[(b, alloc)]
+        return {"allocation": alloc, **{k: r[k] for k in ("effective_bits", "gguf_bytes", "true_size", "fallback_tensors",
+                                                          "fallback_extra_bytes", "own_bytes", "gguf_types")}}
+
+    rtn_names = {"super_group": "RTN", "stacked": "RTN (ST)", "per_tensor": "RTN (PT)"}
     for b in bits_needed:
         ref = rtn[(b, "super_group")]["ppl"]
-        rows.append({"method": "RTN", "bits": b, "ppl": ref, "closure": 0.0, "seconds": rtn[(b, "super_group")]["seconds"]})
-        if (b, "stacked") in rtn:
-            r = rtn[(b, "stacked")]
-            rows.append({"method": "RTN (ST)", "bits": b, "ppl": r["ppl"], "closure": gap_closure(teacher_ppl, ref, r["ppl"]),
-                         "seconds": r["seconds"]})
+        for alloc in [a for (bb, a) in rtn if bb == b]:
+            r = rtn[(b, alloc)]
+            rows.append({"method": rtn_names[alloc], "bits": b, "ppl": r["ppl"], "closure": gap_closure(teacher_ppl, ref, r["ppl"]),
+                         "seconds": r["seconds"], **allocation_fields(b, alloc)})
         for (bb, label), res in results.items():
             if bb == b:
                 rows.append({"method": label, "bits": b, "ppl": res["ppl"], "closure": gap_closure(teacher_ppl, ref, res["ppl"]),
                              "seconds": res["train_seconds"] + res["eval_seconds"], "train_seconds": res["train_seconds"],
-                             "steps": res["steps"], "curve": res.get("curve", []), "last_log": res.get("last_log", {})})
+                             "steps": res["steps"], "curve": res.get("curve", []), "last_log": res.get("last_log", {}),
+                             "start_ppl": rtn[(b, cell_allocation(label))]["ppl"],
+                             **allocation_fields(b, cell_allocation(label))})
+
+    # the paper's "fewer tokens" claim in miniature: when each distilled cell first matches QAT-CE's final ppl
+    tokens_per_step = train.batch_size * tsettings.shape.seq_len
+    reach: list[dict[str, Any]] = []
+    for (b, label), res in results.items():
+        qat = results.get((b, "QAT-CE"))
+        if label == "QAT-CE" or qat is None or not res.get("curve"):
+            continue
+        start = rtn[(b, cell_allocation(label))]["ppl"]
+        reach.append({"bits": b, "method": label, **tokens_to_match(res, start, qat, tokens_per_step)})
 
     target: dict[str, Any] = {"closure_min": TARGET_CLOSURE}
     main_cell, qat_cell = results.get((1.88, "SG+A+E")), results.get((1.88, "QAT-CE"))
@@ -739,8 +904,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{train.steps} steps x {train.batch_size} x {tsettings.shape.seq_len} = {tokens / 1e3:.0f}k tokens per cell)")
     from rich.console import Console
 
-    console = Console()
-    console.print(render_table(rows, teacher_ppl, title))
+    console = Console() if sys.stdout.isatty() else Console(width=150)  # a log file: no wrapped columns
+    console.print(render_table(rows, teacher_ppl, title, teacher_gguf))
+    if reach:
+        console.print(render_reach(reach, args.eval_every))
     curve = assets.meta["curve"]
     console.print(f"teacher: {assets.meta['parameters'] / 1e6:.2f}M params, converged={assets.meta['converged']}, "
                   f"best ppl {teacher_ppl:.2f} at step {assets.meta['best_step']} of {assets.meta['steps']} "
@@ -753,12 +920,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "title": title, "quick": quick, "teacher": assets.meta, "teacher_dir": str(assets.teacher_dir),
         "teacher_ppl_remeasured": measured, "train": dataclasses.asdict(train), "rows": rows, "target": target,
+        "teacher_gguf_f16": teacher_gguf, "tokens_per_cell": tokens, "eval_every": args.eval_every,
+        "tokens_to_match_qat_ce": reach,
         "wall_seconds": time.perf_counter() - wall, "threads": torch.get_num_threads(),
         "loadavg": {"start": load_start, "end": os.getloadavg()}, "argv": sys.argv[1:] if argv is None else argv,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(rows, teacher_ppl, out / "results.png", title)
+    plot(rows, teacher_ppl, out / "results.png", title, reach, tokens_per_step)
     console.print(f"wrote {out / 'results.json'} and {out / 'results.png'} ({result['wall_seconds'] / 60:.1f} min)")
     return 0
 
