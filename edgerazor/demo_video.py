@@ -1,7 +1,7 @@
 """The offline video demo: synthetic clips, a tiny Qwen2.5-Omni thinker that captions them, and caption accuracy.
 
 ``prepare_video_demo(settings)`` renders short clips with PyAV - a red, green, blue or yellow square or
-circle moving left, right, up or down on a position-shaded grey, captioned ``"a red square moving left"`` (32 captions) -
+ring moving left, right, up or down on a dark grey, captioned ``"a red square moving left"`` (32 captions) -
 in a training split and a held-out split whose clips are new renderings of the same 32 captions (other
 start positions and speeds), written as mp4 files with jsonl rows ``{"video", "prompt", "response"}``.
 It trains a byte-level BPE on the captions and prompt (with Qwen2.5-Omni's vision and video special
@@ -36,12 +36,12 @@ import torch
 from edgerazor.recipe import DemoVideoSection
 
 #: Bump when the cache layout or the way assets are built changes: old caches are then ignored.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 3
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle")
+SHAPES = ("square", "ring")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-BACKGROUND = (128, 128, 128)
+BACKGROUND = (32, 32, 32)
 PROMPT = "Describe the video."
 CAPTIONS = tuple(f"a {c} {s} moving {d}" for c in COLOURS for s in SHAPES for d in DIRECTIONS)
 
@@ -91,28 +91,30 @@ class Rendering:
 
 
 def background(size: int) -> np.ndarray:
-    """uint8 ``[size, size, 3]`` grey, darker to the left and bluer to the top: every patch's background says where
-    it lies, which the vision tower (rotary positions only) cannot otherwise see in a patch's own content."""
-    ramp = np.linspace(-1.0, 1.0, size)
-    level = np.asarray(BACKGROUND, dtype=np.float64) + 40 * ramp[None, :, None]  # left to right
-    level = level + np.array([0.0, 0.0, -30.0]) * ramp[:, None, None]  # top bluer, bottom yellower
-    return np.clip(np.round(level), 0, 255).astype(np.uint8)
+    """uint8 ``[size, size, 3]`` flat dark grey: every colour is brighter than it, so an object's edges and its
+    motion between the two frames of a temporal patch have the same sign in every clip."""
+    return np.broadcast_to(np.asarray(BACKGROUND, dtype=np.uint8), (size, size, 3)).copy()
+
+
+def shape_mask(shape: str, x: int, y: int, object_size: int, size: int) -> np.ndarray:
+    """Boolean ``[size, size]``: a filled square, or a ring (a disc with its inner half of the radius cut out,
+    about 59% of the square's area: the two shapes differ in outline and in how much colour they hold)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    if shape == "square":
+        return (xx >= x) & (xx < x + object_size) & (yy >= y) & (yy < y + object_size)
+    c = (object_size - 1) / 2
+    r2 = (xx - x - c) ** 2 + (yy - y - c) ** 2
+    return (r2 <= (object_size / 2) ** 2) & (r2 > (object_size / 4) ** 2)
 
 
 def render_frames(r: Rendering, size: int, frames: int, object_size: int) -> np.ndarray:
-    """uint8 ``[frames, size, size, 3]``: the object drawn at its position in each frame on a grey background."""
-    yy, xx = np.mgrid[0:size, 0:size]
+    """uint8 ``[frames, size, size, 3]``: the object drawn at its position in each frame on the background."""
     dx, dy = DIRECTIONS[r.direction]
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     out[:] = background(size)
     for t in range(frames):
         x, y = r.x0 + dx * r.speed * t, r.y0 + dy * r.speed * t
-        if r.shape == "square":
-            mask = (xx >= x) & (xx < x + object_size) & (yy >= y) & (yy < y + object_size)
-        else:
-            c = (object_size - 1) / 2
-            mask = (xx - x - c) ** 2 + (yy - y - c) ** 2 <= (object_size / 2) ** 2
-        out[t][mask] = COLOURS[r.colour]
+        out[t][shape_mask(r.shape, x, y, object_size, size)] = COLOURS[r.colour]
     return out
 
 
@@ -151,16 +153,32 @@ def plan_renderings(settings: DemoVideoSection) -> dict[str, list[Rendering]]:
     return split
 
 
+def yuv420p(frame: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` RGB -> the ``[H * 3 // 2, W]`` yuv420p planes (BT.601 limited range, chroma averaged
+    over 2x2 pixels), computed here in float64 so the planes the encoder gets depend on nothing but the frame."""
+    rgb = frame.astype(np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    cb = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    h, w = y.shape
+    half = [c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(h // 4, w) for c in (cb, cr)]
+    return np.clip(np.round(np.concatenate([y] + half)), 0, 255).astype(np.uint8)
+
+
 def write_clip(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Encode uint8 ``[T, H, W, 3]`` frames as H.264 mp4 (near-lossless, single-threaded: same bytes every time)."""
+    """Encode uint8 ``[T, H, W, 3]`` frames (even H and W) as lossless H.264 (qp 0) mp4 of ``yuv420p`` planes.
+
+    Lossless, because a lossy encoding (crf 8) of the same frames came out different from one process to the
+    next, and with it the teacher trained on the decoded pixels; qp 0 decodes to exactly these planes."""
     import av
 
     with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps, options={"crf": "8", "preset": "medium", "threads": "1"})
+        stream = out.add_stream("libx264", rate=fps, options={"qp": "0", "preset": "medium", "threads": "1"})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.thread_count = 1
         for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(yuv420p(f), format="yuv420p")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
@@ -524,16 +542,28 @@ def print_accuracies(results: dict[str, Any], key: str = "caption_accuracy") -> 
         table.add_row(label, *(f"{accuracy[name][c]:.1%}" for c in ("colour", "shape", "direction", "exact")))
     console = Console()
     console.print(table)
-    gap = accuracy["teacher"]["exact"] - accuracy["rtn"]["exact"]
-    closed = f"{(accuracy['student']['exact'] - accuracy['rtn']['exact']) / gap:.1%}" if gap > 0 else \
-        "undefined (round-to-nearest is no worse than the teacher)"
-    console.print(f"exact-caption accuracy gap closed: {closed}")
+    fields = caption_closure_fields(accuracy)
+    closure = fields["caption_gap_closure"]
+    closed = f"{closure:.1%}" if closure is not None else fields["caption_gap_closure_note"]
+    console.print(f"exact-caption accuracy gap closed: {closed} (teacher {accuracy['teacher']['exact']:.1%}, "
+                  f"round-to-nearest {accuracy['rtn']['exact']:.1%}, EdgeRazor {accuracy['student']['exact']:.1%})")
 
 
 def accuracy_gap_closure(accuracy: dict[str, dict[str, float]]) -> float | None:
     """Share of the teacher-minus-RTN exact-caption accuracy the student wins back (None when there is no gap)."""
     gap = accuracy["teacher"]["exact"] - accuracy["rtn"]["exact"]
     return (accuracy["student"]["exact"] - accuracy["rtn"]["exact"]) / gap if gap > 0 else None
+
+
+def caption_closure_fields(accuracy: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """``caption_gap_closure`` for results.json, like the perplexity ``gap_closure``: null with the reason when
+    round-to-nearest is no worse than the teacher."""
+    closure = accuracy_gap_closure(accuracy)
+    if closure is not None:
+        return {"caption_gap_closure": closure}
+    return {"caption_gap_closure": None, "caption_gap_closure_note":
+            f"undefined: round-to-nearest exact-caption accuracy ({accuracy['rtn']['exact']:.1%}) is not below "
+            f"the teacher's ({accuracy['teacher']['exact']:.1%}), so there is no gap to close"}
 
 
 __all__ = ["CAPTIONS", "Rendering", "VideoDemoAssets", "accuracy_of", "caption_accuracy", "demo_datasets",

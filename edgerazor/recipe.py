@@ -365,14 +365,15 @@ class DemoSection(Section):
 
 
 class DemoVideoClips(Section):
-    """The video demo's synthetic clips: a coloured square or circle moving left, right, up or down."""
+    """The video demo's synthetic clips: a coloured square or ring moving left, right, up or down."""
 
-    size: int = Field(56, ge=28, description="frame width and height in pixels (a multiple of 28 keeps the grid exact)")
-    frames: int = Field(8, ge=2, description="frames per clip")
+    size: int = Field(28, ge=28, multiple_of=28,
+                      description="frame width and height in pixels, a multiple of 28 (whole merged patches)")
+    frames: int = Field(4, ge=2, description="frames per clip")
     fps: int = Field(8, gt=0, description="the clips' frame rate (and the sampling rate: every frame is used)")
-    object_size: int = Field(14, gt=0, description="side of the square and diameter of the circle, in pixels")
-    speeds: tuple[int, ...] = Field((2, 3), min_length=1, description="pixels per frame a clip's object may move")
-    train_per_caption: int = Field(16, gt=0, description="training renderings of each of the 32 captions")
+    object_size: int = Field(12, gt=0, description="side of the square and outer diameter of the ring, in pixels")
+    speeds: tuple[int, ...] = Field((3, 4), min_length=1, description="pixels per frame a clip's object may move")
+    train_per_caption: int = Field(32, gt=0, description="training renderings of each of the 32 captions")
     eval_per_caption: int = Field(3, gt=0, description="held-out renderings of each caption (new positions/speeds)")
 
     @model_validator(mode="after")
@@ -404,7 +405,7 @@ class DemoVideoSection(Section):
 
     clips: DemoVideoClips = DemoVideoClips()
     teacher: DemoVideoTeacher = DemoVideoTeacher()
-    pretrain: DemoPretrain = DemoPretrain(steps=600, learning_rate=3e-3, batch_size=16, warmup_steps=30)
+    pretrain: DemoPretrain = DemoPretrain(steps=6000, learning_rate=3e-3, batch_size=16, warmup_steps=30)
     seed: Seed = Field(0, description="clip renderings, teacher initialisation and batch order")
 
 
