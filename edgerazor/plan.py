@@ -129,12 +129,14 @@ def largest_layer(model) -> int:
 
 def plan_memory(spec: str, gpus: int, gpu_mem_gib: float, zero: int, seq: int | None = None,
                 micro_batch: int | None = None, gradient_checkpointing: bool | None = None,
-                recipe: str | Path | None = None) -> Plan:
+                recipe: str | Path | None = None, dtype_bytes: int = HALF) -> Plan:
     """Plan ``spec`` (a built-in shape, hub id or config path) on ``gpus`` GPUs of ``gpu_mem_gib`` GiB.
 
     ``seq``, ``micro_batch`` and ``gradient_checkpointing`` default to the recipe's
     ``data.max_length``, ``train.per_device_batch_size`` and ``train.gradient_checkpointing``, without
-    a recipe to 1024, 1 and on."""
+    a recipe to 1024, 1 and on. ``dtype_bytes``: bytes of an activation, a teacher weight and a
+    fake-quantized weight copy (2 for bf16; 4 to check the plan against a float32 run on CPU,
+    ``tools/bench_plan.py``); the model states keep DeepSpeed's bf16 formulas."""
     from edgerazor.adapters import resolve_adapter
     from edgerazor.quant import quantize
     from edgerazor.recipe import load_recipe
@@ -169,7 +171,7 @@ def plan_memory(spec: str, gpus: int, gpu_mem_gib: float, zero: int, seq: int | 
     def transient(m) -> int:
         wq = m.weight_quant
         d_out = m.weight.shape[0]
-        return d_out * wq.padded_dim * (3 * HALF + 1) + d_out * (wq.padded_dim // wq.group_size) * FP32
+        return d_out * wq.padded_dim * (3 * dtype_bytes + 1) + d_out * (wq.padded_dim // wq.group_size) * FP32
     workspace = max((transient(m) for m in quantized), default=0) + sum(m.weight.shape[0] for m in quantized)
 
     text = config.get_text_config()
@@ -179,7 +181,7 @@ def plan_memory(spec: str, gpus: int, gpu_mem_gib: float, zero: int, seq: int | 
     head_dim = getattr(text, "head_dim", None) or h // heads
     vocab = text.vocab_size
     tokens = seq * micro_batch
-    per_layer = layer_activation_elements(h, inter, heads, kv, head_dim) * tokens * HALF
+    per_layer = layer_activation_elements(h, inter, heads, kv, head_dim) * tokens * dtype_bytes
     # F.linear keeps each fake-quantized weight for its backward: every decoder layer's and the
     # lm_head's without checkpointing, the lm_head's and one layer's (recomputed) with it
     decoder = family.decoder_layers(model)
@@ -187,17 +189,18 @@ def plan_memory(spec: str, gpus: int, gpu_mem_gib: float, zero: int, seq: int | 
                    and m.__class__.__name__ != "QuantEmbedding") for layer in decoder]
     head = model.get_output_embeddings()
     head_q = head.weight.numel() if getattr(head, "weight_quant", None) is not None else 0
-    teacher_features = (layers + 1) * tokens * h * HALF  # LAFD's record of the teacher's residual stream
+    teacher_features = (layers + 1) * tokens * h * dtype_bytes  # LAFD's record of the teacher's residual stream
     activations = {
-        "without_checkpointing": layers * per_layer + (sum(layer_q) + head_q) * HALF + teacher_features,
-        "with_checkpointing": layers * tokens * h * HALF + per_layer + (max(layer_q, default=0) + head_q) * HALF
-        + teacher_features,
+        "without_checkpointing": layers * per_layer + (sum(layer_q) + head_q) * dtype_bytes + teacher_features,
+        "with_checkpointing": layers * tokens * h * dtype_bytes + per_layer
+        + (max(layer_q, default=0) + head_q) * dtype_bytes + teacher_features,
     }
     chunk = min(rec.distill.chunk_size, tokens)
     components = {
         "model_states": sum(states.values()),
         "fake_quant_workspace": workspace,
-        "teacher_shard": min(HALF * total, HALF * total // gpus + HALF * big),  # on 1 GPU nothing is gathered
+        # on 1 GPU nothing is gathered
+        "teacher_shard": min(dtype_bytes * total, dtype_bytes * total // gpus + dtype_bytes * big),
         "activations": activations["with_checkpointing" if gradient_checkpointing else "without_checkpointing"],
         "logit_loss_chunk": 2 * chunk * vocab * FP32,
     }
