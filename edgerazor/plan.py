@@ -202,7 +202,9 @@ def plan_memory(spec: str, gpus: int, gpu_mem_gib: float, zero: int, seq: int | 
         # on 1 GPU nothing is gathered
         "teacher_shard": min(dtype_bytes * total, dtype_bytes * total // gpus + dtype_bytes * big),
         "activations": activations["with_checkpointing" if gradient_checkpointing else "without_checkpointing"],
-        "logit_loss_chunk": 2 * chunk * vocab * FP32,
+        # the fused loss's fp32 chunk buffers (student and teacher logits, their gradient) and its fp32
+        # accumulator of the lm_head weight gradient (the head's fake-quantized copy is the workspace's)
+        "logit_loss_chunk": 3 * chunk * vocab * FP32 + head.weight.numel() * FP32,
     }
     notes = [
         f"teacher sharded like ZeRO-3 inference ({HALF * total / GIB:.2f} GiB whole, /{gpus} + its largest "
