@@ -51,25 +51,28 @@ def import_llama_cpp(llama: LlamaCpp | None = None):
     loaded = Path(str(mod._base_path)).resolve()
     if loaded != Path(lib_dir).resolve():
         raise LlamaCppError(f"llama_cpp was already imported with libllama from {loaded}, not {lib_dir}")
-    _quiet_logs(mod)
+    quiet_logs(mod.llama_log_set)
     return sys.modules["llama_cpp"]
 
 
 _LOG_CALLBACK = None
 
 
-def _quiet_logs(ll) -> None:
-    """Route llama.cpp's (very chatty) log to nowhere unless EDGERAZOR_LLAMA_CPP_VERBOSE is set."""
+def quiet_logs(set_log) -> None:
+    """Route a llama.cpp library's (very chatty) log to nowhere through its ``set_log(callback, user_data)``
+    (``llama_log_set``, libmtmd's ``mtmd_log_set``) unless EDGERAZOR_LLAMA_CPP_VERBOSE is set."""
     global _LOG_CALLBACK
-    if _LOG_CALLBACK is not None or os.environ.get("EDGERAZOR_LLAMA_CPP_VERBOSE"):
+    if os.environ.get("EDGERAZOR_LLAMA_CPP_VERBOSE"):
         return
+    if _LOG_CALLBACK is None:
+        import llama_cpp.llama_cpp as ll
 
-    @ll.llama_log_callback
-    def _silent(level, text, user_data):  # pragma: no cover - called from C
-        pass
+        @ll.llama_log_callback
+        def _silent(level, text, user_data):  # pragma: no cover - called from C
+            pass
 
-    _LOG_CALLBACK = _silent  # keep a reference: C holds the pointer
-    ll.llama_log_set(_silent, None)
+        _LOG_CALLBACK = _silent  # keep a reference: C holds the pointer
+    set_log(_LOG_CALLBACK, None)
 
 
 def _ggml_type(ll, name: str) -> int:

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerazor.llama_cpp.bindings import import_llama_cpp
+from edgerazor.llama_cpp.bindings import import_llama_cpp, quiet_logs
 from edgerazor.llama_cpp.build import LlamaCpp, LlamaCppError, find_llama_cpp
-
-_LOG_CALLBACK = None
 
 
 def import_mtmd(llama: LlamaCpp | None = None):
@@ -46,23 +44,8 @@ def import_mtmd(llama: LlamaCpp | None = None):
     loaded = Path(str(mod._libmtmd_base_path)).resolve()
     if loaded != Path(llama.lib_dir).resolve():
         raise LlamaCppError(f"llama_cpp.mtmd_cpp was already imported with libmtmd from {loaded}, not {llama.lib_dir}")
-    _quiet_logs(mod)
+    quiet_logs(mod.mtmd_log_set)  # clip.cpp prints every key and tensor
     return mod
-
-
-def _quiet_logs(mtmd) -> None:
-    """Silence libmtmd's log (clip.cpp prints every key and tensor) unless EDGERAZOR_LLAMA_CPP_VERBOSE is set."""
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is not None or os.environ.get("EDGERAZOR_LLAMA_CPP_VERBOSE"):
-        return
-    import llama_cpp.llama_cpp as ll
-
-    @ll.llama_log_callback
-    def _silent(level, text, user_data):  # pragma: no cover - called from C
-        pass
-
-    _LOG_CALLBACK = _silent  # C keeps the pointer
-    mtmd.mtmd_log_set(_silent, None)
 
 
 @dataclass

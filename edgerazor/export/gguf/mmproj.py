@@ -23,10 +23,10 @@ from torch import nn
 
 from edgerazor.adapters import adapter_for_model
 from edgerazor.errors import EdgeRazorError
-from edgerazor.export.files import check_target, staged
-from edgerazor.export.gguf.check import EXPORTER_KEY, ExpectedTensor, check_gguf, not_an_edgerazor_gguf
-from edgerazor.export.gguf.report import GGUFReport, GGUFTensor, gguf_module
-from edgerazor.export.gguf.writer import _file_type, _Planned, _quantized_tensor, _sha256
+from edgerazor.export.files import check_target
+from edgerazor.export.gguf.check import EXPORTER_KEY, not_an_edgerazor_gguf
+from edgerazor.export.gguf.report import GGUFReport, gguf_module
+from edgerazor.export.gguf.writer import _file_type, _Planned, _quantized_tensor, write_checked
 from edgerazor.quant.modules import WeightFakeQuant
 from edgerazor.version import __version__
 
@@ -124,31 +124,15 @@ def write_mmproj(model: nn.Module, path: str | os.PathLike, strict: bool = False
     check_target(path, **target)
     notes: list[str] = list(spec.notes)
     planned = _plan(model, spec, strict, notes)
-    with staged(path, directory=False, **target) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-        try:
-            writer.add_type(gguf.GGUFType.MMPROJ)
-            writer.add_string(EXPORTER_KEY, __version__)
-            spec.write_keys(writer)
-            writer.add_file_type(_file_type(planned))
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for p in planned:
-                raw_dtype = None if p.ggml_type == "F32" else getattr(gguf.GGMLQuantizationType, p.ggml_type)
-                writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        check_gguf(tmp, {p.name: ExpectedTensor(p.ggml_type, p.shape, int(p.data.nbytes), _sha256(p.data))
-                         for p in planned},
-                   {key: value.value for key, value in writer.kv_data[0].items()})
-    report = GGUFReport(path, f"mmproj:{spec.projector}", "-", notes=notes, file_bytes=path.stat().st_size)
-    for p in planned:
-        report.tensors.append(GGUFTensor(
-            p.name, p.source, p.ggml_type, p.shape, int(p.data.nbytes),
-            8.0 * p.data.nbytes / int(np.prod(p.shape)), p.theoretical, p.fallback,
-        ))
+    def write_keys(writer) -> None:
+        writer.add_type(gguf.GGUFType.MMPROJ)
+        writer.add_string(EXPORTER_KEY, __version__)
+        spec.write_keys(writer)
+        writer.add_file_type(_file_type(planned))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    report = write_checked(path, target, gguf.MODEL_ARCH.MMPROJ, write_keys, planned,
+                           GGUFReport(path, f"mmproj:{spec.projector}", "-", notes=notes))
     if not quiet:
         print(f"wrote {path} (mmproj, projector {spec.projector}): {report.file_bytes / 2**20:.2f} MiB")
         for note in notes:

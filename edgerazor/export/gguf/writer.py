@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,35 +264,18 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
         notes.append("the recipe trains with 8-bit activations / KV cache: run llama.cpp with "
                      "-ctk q8_0 -ctv q8_0 (KV) - weights-only formats cannot carry those settings")
 
-    with staged(path, directory=False, **target) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.upper())])
-        try:
-            name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
-            if name:
-                writer.add_name(Path(str(name)).name)
-            writer.add_string(EXPORTER_KEY, __version__)
-            write_hparams(writer, config, arch)
-            writer.add_file_type(_file_type(planned))
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            write_tokenizer(writer, tokenizer, int(config.get_text_config().vocab_size), pre)
-            for p in planned:
-                raw_dtype = None if p.ggml_type in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, p.ggml_type)
-                writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        # read back with gguf-py: what it meant to write, before the file replaces anything
-        check_gguf(tmp, {p.name: ExpectedTensor(p.ggml_type, p.shape, int(p.data.nbytes), _sha256(p.data))
-                         for p in planned},
-                   {key: value.value for key, value in writer.kv_data[0].items()})
-    report = GGUFReport(path, arch, pre, notes=notes, file_bytes=path.stat().st_size)
-    for p in planned:
-        report.tensors.append(GGUFTensor(
-            p.name, p.source, p.ggml_type, p.shape, int(p.data.nbytes),
-            8.0 * p.data.nbytes / int(np.prod(p.shape)), p.theoretical, p.fallback,
-        ))
+    def write_keys(writer) -> None:
+        name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        if name:
+            writer.add_name(Path(str(name)).name)
+        writer.add_string(EXPORTER_KEY, __version__)
+        write_hparams(writer, config, arch)
+        writer.add_file_type(_file_type(planned))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(writer, tokenizer, int(config.get_text_config().vocab_size), pre)
+
+    report = write_checked(path, target, getattr(gguf.MODEL_ARCH, arch.upper()), write_keys, planned,
+                           GGUFReport(path, arch, pre, notes=notes))
     if not quiet:
         # the fallbacks as one summary table, not a line per tensor (their notes stay in the report)
         per_tensor = {p.note for p in planned if p.note}
@@ -303,6 +287,36 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, type: str =
             from rich.console import Console
 
             Console().print(table)
+    return report
+
+
+def write_checked(path: Path, target: dict, arch, write_keys: Callable, planned: list[_Planned],
+                  report: GGUFReport) -> GGUFReport:
+    """Write a GGUF file (keys by ``write_keys(writer)``, then the planned tensors) into a staged sibling of
+    ``path``, read it back with gguf-py against what was meant before it replaces anything (``staged``'s
+    rules, ``target``), and fill ``report`` with its size and tensors. Text models and mmproj files alike."""
+    gguf = gguf_module()
+    with staged(path, directory=False, **target) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        try:
+            write_keys(writer)
+            for p in planned:
+                raw_dtype = None if p.ggml_type in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, p.ggml_type)
+                writer.add_tensor(p.name, p.data, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        check_gguf(tmp, {p.name: ExpectedTensor(p.ggml_type, p.shape, int(p.data.nbytes), _sha256(p.data))
+                         for p in planned},
+                   {key: value.value for key, value in writer.kv_data[0].items()})
+    report.file_bytes = path.stat().st_size
+    for p in planned:
+        report.tensors.append(GGUFTensor(
+            p.name, p.source, p.ggml_type, p.shape, int(p.data.nbytes),
+            8.0 * p.data.nbytes / int(np.prod(p.shape)), p.theoretical, p.fallback,
+        ))
     return report
 
 
