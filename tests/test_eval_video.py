@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
 import edgerazor
 from edgerazor.data.video import VideoSpec, load_video, video_tokens
@@ -23,9 +23,7 @@ from edgerazor.evaluation.video import VIDEO_TASKS, VideoTaskError, evaluate_vid
 from edgerazor.evaluation.video_tasks.scoring import extract_letter, loglikelihood_of
 from edgerazor.quant import QuantLinear
 from tests.helpers import REPO
-from tests.test_omni import AUDIO, TEXT, VISION
-from tests.test_omni_run import OMNI_SPECIALS, VIDEO_TEMPLATE, clip
-from tests.tokenizer_utils import train_tiny_tokenizer
+from tests.test_omni_run import clip, video_thinker
 
 try:
     import lmms_eval  # noqa: F401
@@ -50,17 +48,8 @@ def student(tmp_path_factory):
     """(student dir, teacher dir): a tiny random thinker, and the same thinker quantized W4-A8-KV8 and saved as
     a student with its tokenizer and a recipe whose video source gives the sampling."""
     words = [f"the {c} square moves {d}" for c in COLOURS for d in DIRECTIONS]
-    tok = train_tiny_tokenizer(words * 5 + ["Select the best answer. A. B. C. D. Options: (A) (B)"] * 5,
-                               vocab_size=420)
-    tok.add_special_tokens({"additional_special_tokens": OMNI_SPECIALS})
-    tok.chat_template = VIDEO_TEMPLATE
-    ids = {t: tok.convert_tokens_to_ids(t) for t in OMNI_SPECIALS}
-    config = Qwen2_5OmniThinkerConfig(
-        text_config=dict(TEXT, vocab_size=len(tok)), vision_config=VISION, audio_config=AUDIO,
-        video_token_index=ids["<|VIDEO|>"], image_token_index=ids["<|IMAGE|>"], audio_token_index=ids["<|AUDIO|>"],
-        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    tok, config = video_thinker(words * 5 + ["Select the best answer. A. B. C. D. Options: (A) (B)"] * 5,
+                                vocab_size=420)
     root = tmp_path_factory.mktemp("video_eval_models")
     torch.manual_seed(0)
     model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()

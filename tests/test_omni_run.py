@@ -64,11 +64,10 @@ def write_rows(root: Path, rows: list[dict], name: str = "rows.jsonl") -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def omni(tmp_path_factory):
-    """(teacher dir, data dir): a saved tiny thinker with its tokenizer, and 8 clips with caption rows."""
-    captions = [f"a {c} square moves {d}" for c in COLOURS for d in DIRECTIONS]
-    tok = train_tiny_tokenizer(captions * 5 + ["what moves where?"] * 5, vocab_size=400)
+def video_thinker(texts: list[str], vocab_size: int):
+    """(tokenizer, config): a BPE trained on ``texts`` with Qwen2.5-Omni's special tokens and video chat
+    template, and a tiny thinker config whose token ids are that tokenizer's."""
+    tok = train_tiny_tokenizer(texts, vocab_size=vocab_size)
     tok.add_special_tokens({"additional_special_tokens": OMNI_SPECIALS})
     tok.chat_template = VIDEO_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in OMNI_SPECIALS}
@@ -78,6 +77,14 @@ def omni(tmp_path_factory):
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    return tok, config
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    """(teacher dir, data dir): a saved tiny thinker with its tokenizer, and 8 clips with caption rows."""
+    captions = [f"a {c} square moves {d}" for c in COLOURS for d in DIRECTIONS]
+    tok, config = video_thinker(captions * 5 + ["what moves where?"] * 5, vocab_size=400)
     torch.manual_seed(0)
     teacher = tmp_path_factory.mktemp("omni_teacher")
     Qwen2_5OmniThinkerForConditionalGeneration(config).save_pretrained(teacher)
