@@ -118,6 +118,16 @@ def load_inputs(recipe: Recipe, teacher: str | None, adapter: str | None = None,
     return RunInputs(model, location, tokenizer, train, evaluation, family, getattr(built, "stats", None))
 
 
+def build_on_rank_0(build) -> None:
+    """Under a launcher, rank 0 builds a demo cache alone and the others then read it (``build`` again finds
+    it); its assets stay on rank 0, only success or rank 0's error reaches the others."""
+    def built() -> None:  # the assets are not sent to the other ranks
+        build()
+
+    if ranks.world_size() > 1:
+        ranks.on_main(built)
+
+
 def demo_inputs(recipe: Recipe, adapter: str | None = None) -> RunInputs:
     """The demo teacher and data that the recipe's ``demo:`` section describes (built once, then cached)."""
     from edgerazor.data import DataStats, SourceStats
@@ -130,8 +140,7 @@ def demo_inputs(recipe: Recipe, adapter: str | None = None) -> RunInputs:
                                  settings.corpus.vocab_size)
     family = resolve_adapter(config.model_type, adapter or recipe.model.adapter)
     check_recipe_fits(recipe, family, config)  # before minutes of teacher training
-    if ranks.world_size() > 1:  # rank 0 builds the cache alone; the others read it once it is there
-        ranks.on_main(lambda: [prepare_demo(settings=settings)] and None)
+    build_on_rank_0(lambda: prepare_demo(settings=settings))
     assets = prepare_demo(settings=settings)
     location = str(assets.teacher_dir)
     teacher = place_teacher(recipe, family, location, config, stored="float32")
@@ -150,8 +159,7 @@ def video_demo_inputs(recipe: Recipe, adapter: str | None = None):
 
     from edgerazor.demo_video import caption_accuracy, demo_datasets, encode_rows, prepare_video_demo
 
-    if ranks.world_size() > 1:  # rank 0 builds the cache alone; the others read it once it is there
-        ranks.on_main(lambda: [prepare_video_demo(recipe.demo_video)] and None)
+    build_on_rank_0(lambda: prepare_video_demo(recipe.demo_video))
     assets = prepare_video_demo(recipe.demo_video)
     family = resolve_adapter(teacher_config(str(assets.teacher_dir)).model_type, adapter or recipe.model.adapter)
     teacher = family.load_teacher(str(assets.teacher_dir))
